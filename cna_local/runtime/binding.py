@@ -1,0 +1,78 @@
+"""ctypes declarations of the neuron-mask functions that patches/ adds to libllama.
+
+Bound on the library that `llama_cpp` already loaded (`llama_cpp.llama_cpp._lib`), so the mask and the
+`Llama` objects share one libllama. A stock library lacks these symbols: we raise `PatchedLibraryError`
+naming the library and the fix instead of segfaulting later.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import llama_cpp.llama_cpp as _llama_cpp
+
+SYMBOLS = ("llama_set_neuron_mask", "llama_clear_neuron_mask", "llama_get_neuron_mask")
+
+# Codes returned by llama_set_neuron_mask (include/llama.h in the patched tree).
+STATUS_MESSAGES = {
+    -1: "null arguments",
+    -2: "empty mask (clear the mask to switch steering off)",
+    -3: "a layer index is out of range",
+    -4: "a neuron index is out of range",
+    -5: "a scale is NaN or infinite",
+    -6: "the same (layer, neuron) appears twice",
+    -7: "the model has a mixture-of-experts FFN; neuron masks support dense FFNs only",
+    -8: "could not allocate the mask's buffers on the model's device",
+}
+
+
+class PatchedLibraryError(RuntimeError):
+    """llama_cpp runs on a libllama without the cna-local neuron-mask patch."""
+
+
+def library_path() -> Path:
+    """The libllama file that llama_cpp loaded."""
+    return Path(getattr(_llama_cpp._lib, "_name", "") or _llama_cpp._base_path)
+
+
+def _bind():
+    lib = _llama_cpp._lib
+    missing = [name for name in SYMBOLS if not hasattr(lib, name)]
+    if missing:
+        hint = (
+            "LLAMA_CPP_LIB_PATH is set and points at another build: unset it"
+            if os.environ.get("LLAMA_CPP_LIB_PATH")
+            else "a stock llama-cpp-python seems to be installed over cna-local's: run "
+            "`pip uninstall -y llama-cpp-python && pip install --force-reinstall --no-deps cna-local`"
+        )
+        raise PatchedLibraryError(
+            f"llama_cpp loaded {library_path()}, which lacks {', '.join(missing)}: it is not the "
+            f"patched libllama that cna-local builds ({hint})."
+        )
+    ctx_p = _llama_cpp.llama_context_p_ctypes
+    i32p = ctypes.POINTER(ctypes.c_int32)
+    f32p = ctypes.POINTER(ctypes.c_float)
+
+    # int32_t llama_set_neuron_mask(ctx, const int32_t * layers, const int32_t * neurons, const float * scales, size_t n)
+    lib.llama_set_neuron_mask.argtypes = [ctx_p, i32p, i32p, f32p, ctypes.c_size_t]
+    lib.llama_set_neuron_mask.restype = ctypes.c_int32
+    # void llama_clear_neuron_mask(ctx)
+    lib.llama_clear_neuron_mask.argtypes = [ctx_p]
+    lib.llama_clear_neuron_mask.restype = None
+    # int32_t llama_get_neuron_mask(const ctx, int32_t * layers, int32_t * neurons, float * scales, size_t n_max)
+    lib.llama_get_neuron_mask.argtypes = [ctx_p, i32p, i32p, f32p, ctypes.c_size_t]
+    lib.llama_get_neuron_mask.restype = ctypes.c_int32
+    return lib
+
+
+_lib = None
+
+
+def lib():
+    """The patched libllama with the mask functions typed; raises PatchedLibraryError on a stock one."""
+    global _lib
+    if _lib is None:
+        _lib = _bind()
+    return _lib
