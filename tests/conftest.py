@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random models (HF directories and GGUF files), built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from tiny_models import build_tiny_hf, to_gguf
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> Callable[..., Path]:
+    """Factory: tiny_hf(arch, seed=0) -> HF directory of a tiny random model, cached for the session."""
+    cache: dict[tuple[str, int], Path] = {}
+
+    def make(arch: str, seed: int = 0) -> Path:
+        key = (arch, seed)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"tiny-{arch}-seed{seed}") / "hf"
+            cache[key] = build_tiny_hf(arch, out, seed=seed)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_hf) -> Callable[..., Path]:
+    """Factory: tiny_gguf(arch, outtype="f32", seed=0) -> GGUF converted by llama.cpp's converter, cached."""
+    cache: dict[tuple[str, str, int], Path] = {}
+
+    def make(arch: str, outtype: str = "f32", seed: int = 0) -> Path:
+        key = (arch, outtype, seed)
+        if key not in cache:
+            hf_dir = tiny_hf(arch, seed)
+            cache[key] = to_gguf(hf_dir, outtype, hf_dir.parent / f"tiny-{arch}-seed{seed}-{outtype}.gguf")
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_hf(tiny_hf) -> Path:
+    return tiny_hf("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_hf(tiny_hf) -> Path:
+    return tiny_hf("qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_hf(tiny_hf) -> Path:
+    return tiny_hf("qwen2moe")
