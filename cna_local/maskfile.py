@@ -1,0 +1,317 @@
+"""The neuron-mask file: which MLP neurons to scale, in a GGUF that llama.cpp's C gguf API can read.
+
+Format v1 follows llama.cpp's adapter conventions (like LoRA GGUFs):
+
+  general.type          = "adapter"
+  general.architecture  = base model architecture (e.g. "qwen2")
+  general.name          = a label for the mask
+  adapter.type          = "neuron_mask"
+  adapter.neuron_mask.version            u32  = 1
+  adapter.neuron_mask.multiplier         f32  default multiplier (0 ablates, 1 = no change)
+  adapter.neuron_mask.n_layer / n_ff / n_embd   u32  shape of the base model
+  adapter.neuron_mask.model_fingerprint  str  hex sha256 of the model's norm weights (fingerprint.py)
+  adapter.neuron_mask.model_name         str
+  adapter.neuron_mask.prompts_sha256     str  hash of the positive and negative prompt sets
+  adapter.neuron_mask.selection          str  JSON of the selection parameters
+  adapter.neuron_mask.tool_version       str  cna_local.__version__
+  adapter.neuron_mask.n_neurons          u32  total entries over all layers
+
+  per layer with neurons (named after the weight they act on):
+  blk.{il}.ffn_down.weight.neuron_idx    I32 [n]  neuron indices, strictly ascending
+  blk.{il}.ffn_down.weight.neuron_score  F32 [n]  attribution scores
+  blk.{il}.ffn_down.weight.neuron_scale  F32 [n]  optional per-neuron multipliers (all layers or none)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CnaLocalError
+from .fingerprint import Fingerprint
+
+FORMAT_VERSION = 1
+ADAPTER_TYPE = "neuron_mask"
+KEY_PREFIX = f"adapter.{ADAPTER_TYPE}."
+GGUF_MAGIC = b"GGUF"
+_TENSOR_RE = re.compile(r"^blk\.(\d+)\.ffn_down\.weight\.neuron_(idx|score|scale)$")
+
+
+class MaskFileError(CnaLocalError):
+    """A mask file is unreadable, of the wrong kind, or inconsistent."""
+
+
+class MaskMismatchError(CnaLocalError):
+    """A mask was made for a different model than the one it is applied to."""
+
+
+def tensor_name(layer: int, kind: str) -> str:
+    return f"blk.{layer}.ffn_down.weight.neuron_{kind}"
+
+
+def check_multiplier(multiplier: float) -> float:
+    try:
+        value = float(multiplier)
+    except (TypeError, ValueError):
+        raise MaskFileError(f"the multiplier must be a number, got {multiplier!r}.") from None
+    if not math.isfinite(value):
+        raise MaskFileError(f"the multiplier must be a finite number, got {value} (0 ablates, 1 is no change, -1 inverts).")
+    return value
+
+
+@dataclass
+class NeuronMask:
+    arch: str
+    n_layer: int
+    n_ff: int
+    n_embd: int
+    fingerprint: str
+    model_name: str
+    layers: np.ndarray  # int32 [N], sorted by (layer, neuron)
+    neurons: np.ndarray  # int32 [N]
+    scores: np.ndarray  # float32 [N]
+    multiplier: float = 0.0
+    scales: np.ndarray | None = None  # float32 [N] per-neuron multipliers, or None
+    meta: dict = field(default_factory=dict)  # name, prompts_sha256, selection (dict), tool_version, version
+
+    def __post_init__(self):
+        self.layers = np.asarray(self.layers, np.int32)
+        self.neurons = np.asarray(self.neurons, np.int32)
+        self.scores = np.asarray(self.scores, np.float32)
+        if self.scales is not None:
+            self.scales = np.asarray(self.scales, np.float32)
+        order = np.lexsort((self.neurons, self.layers))
+        if not np.array_equal(order, np.arange(len(order))):
+            self.layers, self.neurons, self.scores = self.layers[order], self.neurons[order], self.scores[order]
+            if self.scales is not None:
+                self.scales = self.scales[order]
+        self.multiplier = check_multiplier(self.multiplier)
+        _validate_entries(self, source="this mask")
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def model_fingerprint(self) -> Fingerprint:
+        return Fingerprint(self.arch, self.n_layer, self.n_ff, self.n_embd, self.fingerprint)
+
+    def scales_for(self, multiplier: float | None = None) -> np.ndarray:
+        """Per-neuron scale factors: the stored per-neuron scales if any, else `multiplier` (default: the mask's) everywhere."""
+        if self.scales is not None and multiplier is None:
+            return self.scales.copy()
+        value = check_multiplier(self.multiplier if multiplier is None else multiplier)
+        return np.full(len(self.layers), value, np.float32)
+
+    def per_layer_counts(self) -> dict[int, int]:
+        layers, counts = np.unique(self.layers, return_counts=True)
+        return {int(l): int(c) for l, c in zip(layers, counts)}
+
+    def check_matches(self, fingerprint: Fingerprint, model_label: str = "this model") -> None:
+        """Raise MaskMismatchError unless the mask was made for the model with this fingerprint."""
+        mine = self.model_fingerprint
+        if mine == fingerprint:
+            return
+        if (mine.arch, mine.n_layer, mine.n_ff, mine.n_embd) != (fingerprint.arch, fingerprint.n_layer, fingerprint.n_ff, fingerprint.n_embd):
+            what = "has a different shape than"
+        else:
+            what = "has the same shape but different weights than"
+        raise MaskMismatchError(
+            f"the mask was made for {self.model_name or 'another model'} ({mine.describe()}), "
+            f"but {model_label} ({fingerprint.describe()}) {what} that model. "
+            f"Fix: re-run `cna-local attribute --model <this model>` to make a mask for it."
+        )
+
+    # -- file I/O
+
+    def save(self, path: str | Path) -> Path:
+        import gguf
+
+        from . import __version__
+
+        path = Path(path)
+        meta = dict(self.meta)
+        writer = gguf.GGUFWriter(str(path), arch=self.arch)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_name(str(meta.get("name") or f"neuron mask for {self.model_name}"))
+        writer.add_string(gguf.Keys.Adapter.TYPE, ADAPTER_TYPE)
+        writer.add_uint32(KEY_PREFIX + "version", FORMAT_VERSION)
+        writer.add_float32(KEY_PREFIX + "multiplier", float(self.multiplier))
+        writer.add_uint32(KEY_PREFIX + "n_layer", self.n_layer)
+        writer.add_uint32(KEY_PREFIX + "n_ff", self.n_ff)
+        writer.add_uint32(KEY_PREFIX + "n_embd", self.n_embd)
+        writer.add_string(KEY_PREFIX + "model_fingerprint", self.fingerprint)
+        writer.add_string(KEY_PREFIX + "model_name", self.model_name)
+        writer.add_string(KEY_PREFIX + "prompts_sha256", str(meta.get("prompts_sha256", "")))
+        writer.add_string(KEY_PREFIX + "selection", json.dumps(meta.get("selection", {}), sort_keys=True))
+        writer.add_string(KEY_PREFIX + "tool_version", str(meta.get("tool_version") or __version__))
+        writer.add_uint32(KEY_PREFIX + "n_neurons", len(self.layers))
+        for layer in np.unique(self.layers):
+            rows = self.layers == layer
+            writer.add_tensor(tensor_name(int(layer), "idx"), self.neurons[rows].astype(np.int32))
+            writer.add_tensor(tensor_name(int(layer), "score"), self.scores[rows].astype(np.float32))
+            if self.scales is not None:
+                writer.add_tensor(tensor_name(int(layer), "scale"), self.scales[rows].astype(np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "NeuronMask":
+        return read_mask(path)
+
+
+def _validate_entries(mask: NeuronMask, source: str) -> None:
+    n = len(mask.layers)
+    if not (len(mask.neurons) == len(mask.scores) == n) or (mask.scales is not None and len(mask.scales) != n):
+        raise MaskFileError(f"{source}: layers, neurons, scores (and scales) differ in length.")
+    if n == 0:
+        raise MaskFileError(f"{source} names no neuron. Fix: re-run `cna-local attribute` with a larger --top-fraction/--top-k.")
+    bad = np.flatnonzero((mask.layers < 0) | (mask.layers >= mask.n_layer))
+    if bad.size:
+        raise MaskFileError(f"{source}: layer {mask.layers[bad[0]]} does not exist in a {mask.n_layer}-layer model. Fix: re-run `cna-local attribute`.")
+    bad = np.flatnonzero((mask.neurons < 0) | (mask.neurons >= mask.n_ff))
+    if bad.size:
+        i = bad[0]
+        raise MaskFileError(f"{source}: neuron {mask.neurons[i]} of layer {mask.layers[i]} is out of range 0-{mask.n_ff - 1} (n_ff {mask.n_ff}). Fix: re-run `cna-local attribute`.")
+    same = (np.diff(mask.layers) == 0) & (np.diff(mask.neurons) == 0)
+    if same.any():
+        i = np.flatnonzero(same)[0]
+        raise MaskFileError(f"{source}: neuron {mask.neurons[i]} of layer {mask.layers[i]} appears twice. Fix: re-run `cna-local attribute`.")
+    if not np.isfinite(mask.scores).all():
+        i = np.flatnonzero(~np.isfinite(mask.scores))[0]
+        raise MaskFileError(f"{source}: the score of neuron {mask.neurons[i]} in layer {mask.layers[i]} is {mask.scores[i]}. Fix: re-run `cna-local attribute`.")
+    if mask.scales is not None and not np.isfinite(mask.scales).all():
+        i = np.flatnonzero(~np.isfinite(mask.scales))[0]
+        raise MaskFileError(f"{source}: the scale of neuron {mask.neurons[i]} in layer {mask.layers[i]} is {mask.scales[i]}; scales must be finite.")
+
+
+def _open_reader(path: Path):
+    import gguf
+
+    if not path.is_file():
+        raise MaskFileError(f"mask file {path} does not exist. Fix: check the path, or make one with `cna-local attribute --out {path.name}`.")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != GGUF_MAGIC:
+        raise MaskFileError(f"{path} is not a neuron-mask file: it is not GGUF at all (it starts with {magic!r}, not b'GGUF'). Fix: pass a mask made by `cna-local attribute`.")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:  # GGUFReader raises ValueError, IndexError, struct errors... on a damaged file
+        raise MaskFileError(f"{path} is a damaged or truncated GGUF file ({type(exc).__name__}: {exc}). Fix: make the mask again with `cna-local attribute`.") from exc
+    # llama.cpp's C reader needs every tensor's data padded to the alignment;
+    # GGUFReader accepts a file cut inside the last padding, so check here.
+    size = path.stat().st_size
+    for t in reader.tensors:
+        end = t.data_offset + -(-int(t.n_bytes) // reader.alignment) * reader.alignment
+        if end > size:
+            raise MaskFileError(f"{path} is truncated: tensor '{t.name}' needs bytes up to {end} but the file has {size}. Fix: make the mask again with `cna-local attribute`.")
+    return reader
+
+
+def _describe_other_gguf(reader, path: Path) -> str:
+    gtype = reader.get_field("general.type")
+    gtype = gtype.contents() if gtype is not None else None
+    adapter = reader.get_field("adapter.type")
+    adapter = adapter.contents() if adapter is not None else None
+    if gtype == "adapter" and adapter:
+        return f"{path} is a {adapter} adapter (adapter.type = {adapter!r}), not a neuron mask"
+    if gtype in (None, "model") and any(t.name == "token_embd.weight" for t in reader.tensors):
+        return f"{path} is a model GGUF, not a neuron mask. Fix: pass it as --model, and the mask file as MASK"
+    return f"{path} is a GGUF file of type {gtype!r}, not a neuron mask"
+
+
+def read_mask(path: str | Path) -> NeuronMask:
+    """Read and validate a mask file; every problem raises MaskFileError naming the file."""
+    path = Path(path)
+    reader = _open_reader(path)
+
+    if reader.get_field("general.type") is None or reader.get_field("general.type").contents() != "adapter" \
+            or reader.get_field("adapter.type") is None or reader.get_field("adapter.type").contents() != ADAPTER_TYPE:
+        message = _describe_other_gguf(reader, path)
+        raise MaskFileError(message if "Fix:" in message else message + ". Fix: pass a mask made by `cna-local attribute`.")
+
+    def value(key: str, kind: type):
+        f = reader.get_field(key)
+        if f is None:
+            raise MaskFileError(f"{path} has no '{key}' entry; the mask file is incomplete. Fix: make it again with `cna-local attribute`.")
+        try:
+            return kind(f.contents())
+        except (TypeError, ValueError):
+            raise MaskFileError(f"{path}: '{key}' has the wrong type ({f.contents()!r}). Fix: make it again with `cna-local attribute`.") from None
+
+    version = value(KEY_PREFIX + "version", int)
+    if version > FORMAT_VERSION:
+        raise MaskFileError(f"{path} is a version {version} mask; this cna-local reads up to version {FORMAT_VERSION}. Fix: upgrade cna-local.")
+    try:
+        selection = json.loads(value(KEY_PREFIX + "selection", str) or "{}")
+    except json.JSONDecodeError:
+        raise MaskFileError(f"{path}: the selection entry is not valid JSON. Fix: make the mask again with `cna-local attribute`.") from None
+
+    per_layer: dict[int, dict[str, np.ndarray]] = {}
+    for tensor in reader.tensors:
+        match = _TENSOR_RE.match(tensor.name)
+        if match is None:
+            raise MaskFileError(f"{path} holds an unexpected tensor '{tensor.name}'; it is not a neuron mask of version {FORMAT_VERSION}.")
+        layer, kind = int(match.group(1)), match.group(2)
+        expected = "I32" if kind == "idx" else "F32"
+        if tensor.tensor_type.name != expected:
+            raise MaskFileError(f"{path}: tensor '{tensor.name}' is {tensor.tensor_type.name}, expected {expected}. Fix: make the mask again with `cna-local attribute`.")
+        per_layer.setdefault(layer, {})[kind] = np.array(tensor.data).reshape(-1)
+
+    layers, neurons, scores, scales = [], [], [], []
+    with_scales = {layer for layer, parts in per_layer.items() if "scale" in parts}
+    if with_scales and with_scales != set(per_layer):
+        raise MaskFileError(f"{path}: some layers have neuron_scale tensors and others do not; it must be all layers or none.")
+    for layer in sorted(per_layer):
+        parts = per_layer[layer]
+        for kind in ("idx", "score"):
+            if kind not in parts:
+                other = "score" if kind == "idx" else "idx"
+                raise MaskFileError(f"{path}: layer {layer} has a neuron_{other} tensor but no neuron_{kind} tensor. Fix: make the mask again with `cna-local attribute`.")
+        idx = parts["idx"]
+        if any(len(parts[k]) != len(idx) for k in parts):
+            raise MaskFileError(f"{path}: the tensors of layer {layer} differ in length.")
+        if np.any(np.diff(idx) < 0):
+            raise MaskFileError(f"{path}: the neuron indices of layer {layer} are not sorted ascending.")
+        layers.append(np.full(len(idx), layer, np.int32))
+        neurons.append(idx.astype(np.int32))
+        scores.append(parts["score"].astype(np.float32))
+        if with_scales:
+            scales.append(parts["scale"].astype(np.float32))
+
+    n_neurons = value(KEY_PREFIX + "n_neurons", int)
+    total = sum(len(x) for x in neurons)
+    if n_neurons != total:
+        raise MaskFileError(f"{path} says it holds {n_neurons} neurons but its tensors hold {total}; the file is damaged. Fix: make it again.")
+    empty = np.zeros(0, np.int32)
+    meta = {
+        "version": version,
+        "name": reader.get_field("general.name").contents() if reader.get_field("general.name") else "",
+        "prompts_sha256": value(KEY_PREFIX + "prompts_sha256", str),
+        "selection": selection,
+        "tool_version": value(KEY_PREFIX + "tool_version", str),
+    }
+    try:
+        return NeuronMask(
+            arch=value("general.architecture", str),
+            n_layer=value(KEY_PREFIX + "n_layer", int),
+            n_ff=value(KEY_PREFIX + "n_ff", int),
+            n_embd=value(KEY_PREFIX + "n_embd", int),
+            fingerprint=value(KEY_PREFIX + "model_fingerprint", str),
+            model_name=value(KEY_PREFIX + "model_name", str),
+            layers=np.concatenate(layers) if layers else empty,
+            neurons=np.concatenate(neurons) if neurons else empty,
+            scores=np.concatenate(scores) if scores else empty.astype(np.float32),
+            multiplier=value(KEY_PREFIX + "multiplier", float),
+            scales=np.concatenate(scales) if with_scales else None,
+            meta=meta,
+        )
+    except MaskFileError as exc:
+        raise MaskFileError(str(exc).replace("this mask", str(path), 1)) from None
