@@ -114,7 +114,7 @@ def collect_activations(
     from tqdm.auto import tqdm
 
     try:
-        with torch.inference_mode(), tqdm(total=len(encoded), desc=desc, unit="prompt", file=sys.stderr, disable=not progress) as bar:
+        with torch.inference_mode(), tqdm(total=len(encoded), desc=desc, unit="prompt", file=sys.stderr, disable=not progress, leave=False) as bar:
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 inputs = _left_padded_batch([encoded[i] for i in idx], pad_id)

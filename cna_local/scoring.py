@@ -67,27 +67,31 @@ def resolve_k(n_total: int, top_fraction: float | None = None, top_k: int | None
     return max(1, int(round(fraction * n_total)))
 
 
+def parse_layer_spec(spec: str | None) -> tuple[int | None, int | None]:
+    """Syntax of 'START:END' (either side may be empty); no model needed, so bad input fails early."""
+    if spec is None or spec.strip() in ("", ":"):
+        return None, None
+    parts = spec.split(":")
+    if len(parts) != 2:
+        raise ScoringError(f"layer range {spec!r} is not START:END. Fix: e.g. --layers 4:20 (layers 4 to 19).")
+    try:
+        return tuple(int(p) if p.strip() else None for p in parts)  # type: ignore[return-value]
+    except ValueError:
+        raise ScoringError(f"layer range {spec!r} must hold integers, as START:END (e.g. 4:20).") from None
+
+
 def parse_layer_range(spec: str | None, n_layer: int) -> tuple[int, int]:
     """'START:END' -> (start, end): START inclusive, END exclusive, like a Python slice.
 
     Either side may be empty ('8:' = layer 8 to the last, ':12' = layers 0-11);
     negative numbers count from the end ('-4:' = the last four layers).
     """
-    if spec is None or spec.strip() in ("", ":"):
-        return 0, n_layer
-    parts = spec.split(":")
-    if len(parts) != 2:
-        raise ScoringError(f"layer range {spec!r} is not START:END. Fix: e.g. --layers 4:20 (layers 4 to 19).")
-    try:
-        start = int(parts[0]) if parts[0].strip() else 0
-        end = int(parts[1]) if parts[1].strip() else n_layer
-    except ValueError:
-        raise ScoringError(f"layer range {spec!r} must hold integers, as START:END (e.g. 4:20).") from None
-    start = start + n_layer if start < 0 else start
-    end = end + n_layer if end < 0 else end
+    start, end = parse_layer_spec(spec)
+    start = 0 if start is None else start + n_layer if start < 0 else start
+    end = n_layer if end is None else end + n_layer if end < 0 else end
     if not 0 <= start < end <= n_layer:
         raise ScoringError(
-            f"layer range {spec!r} selects no layer of this {n_layer}-layer model "
+            f"layer range {spec!r} is empty or outside this {n_layer}-layer model "
             f"(START is inclusive, END exclusive; valid layers are 0-{n_layer - 1})."
         )
     return start, end

@@ -1,0 +1,134 @@
+"""The attribution pipeline: prompts -> activations -> scores -> selected neurons -> NeuronMask."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import __version__
+from .activations import ActivationStats, collect_activations
+from .fingerprint import fingerprint_from_model
+from .loading import LoadedModel
+from .maskfile import NeuronMask
+from .prompts import PromptSet, load_contrast_pairs
+from .scoring import (
+    DEFAULT_UNIVERSAL_THRESHOLD,
+    ScoringError,
+    delta_score,
+    normalized_score,
+    parse_layer_range,
+    resolve_k,
+    top_neurons,
+    universal_neurons,
+)
+
+
+@dataclass
+class AttributionOptions:
+    top_fraction: float | None = None  # of ALL MLP neurons (n_layer * n_ff); default 0.001
+    top_k: int | None = None
+    normalize: bool = False  # delta / pooled std instead of the plain delta
+    layers: str | None = None  # "START:END", START inclusive, END exclusive (see scoring.parse_layer_range)
+    universal_filter: bool = True
+    universal_threshold: float = DEFAULT_UNIVERSAL_THRESHOLD
+    batch_size: int = 8
+    chat_template: bool = True
+    multiplier: float = 0.0
+    progress: bool = True
+
+
+@dataclass
+class AttributionResult:
+    mask: NeuronMask
+    n_universal: int = 0  # neurons flagged universal (within the layer range)
+    n_universal_removed: int = 0  # of those, how many the unfiltered top k held
+    seconds: dict = field(default_factory=dict)
+
+
+def score(pos: ActivationStats, neg: ActivationStats, normalize: bool) -> np.ndarray:
+    if normalize:
+        return normalized_score(pos.mean, neg.mean, pos.var, neg.var, pos.n, neg.n)
+    return delta_score(pos.mean, neg.mean)
+
+
+def prompts_digest(positive: PromptSet, negative: PromptSet) -> str:
+    """One hash for both sets, so a mask records exactly which prompts made it."""
+    return hashlib.sha256(f"positive:{positive.sha256}\nnegative:{negative.sha256}\n".encode()).hexdigest()
+
+
+def attribute(
+    loaded: LoadedModel,
+    positive: PromptSet,
+    negative: PromptSet,
+    options: AttributionOptions | None = None,
+    contrasts: list[tuple[PromptSet, PromptSet]] | None = None,
+    name: str | None = None,
+) -> AttributionResult:
+    """Find the neurons that separate positive from negative prompts; contrasts default to the bundled pairs."""
+    opts = options or AttributionOptions()
+    n_layer, n_ff = loaded.n_layer, loaded.n_ff
+    # Check parameters before the slow forward passes.
+    k = resolve_k(n_layer * n_ff, opts.top_fraction, opts.top_k)
+    layer_range = parse_layer_range(opts.layers, n_layer)
+    candidates = (layer_range[1] - layer_range[0]) * n_ff
+    if k > candidates:
+        raise ScoringError(f"asked for {k} neurons but layers {layer_range[0]}-{layer_range[1] - 1} hold only {candidates}. Fix: lower --top-k/--top-fraction or widen --layers.")
+    if opts.universal_filter and contrasts is None:
+        contrasts = load_contrast_pairs()
+
+    seconds: dict[str, float] = {}
+
+    def run(prompts: PromptSet, desc: str) -> ActivationStats:
+        return collect_activations(loaded, prompts.prompts, batch_size=opts.batch_size,
+                                   chat_template=opts.chat_template, progress=opts.progress, desc=desc)
+
+    t0 = time.perf_counter()
+    scores = score(run(positive, f"positive ({positive.name})"), run(negative, f"negative ({negative.name})"), opts.normalize)
+    seconds["activations"] = time.perf_counter() - t0
+
+    universal = None
+    if opts.universal_filter:
+        t0 = time.perf_counter()
+        contrast_scores = [
+            score(run(a, f"contrast {a.name}"), run(b, f"contrast {b.name}"), opts.normalize) for a, b in contrasts
+        ]
+        universal = universal_neurons(contrast_scores, k, opts.universal_threshold, layer_range)
+        seconds["universal_filter"] = time.perf_counter() - t0
+
+    unfiltered = top_neurons(scores, k, layer_range)
+    selection = top_neurons(scores, k, layer_range, exclude=universal)
+    n_universal = int(universal[layer_range[0]:layer_range[1]].sum()) if universal is not None else 0
+    removed = int(universal[unfiltered.layers, unfiltered.neurons].sum()) if universal is not None else 0
+
+    fp = fingerprint_from_model(loaded.model, None)
+    meta = {
+        "name": name or f"{loaded.name} {positive.name} vs {negative.name}",
+        "prompts_sha256": prompts_digest(positive, negative),
+        "tool_version": __version__,
+        "selection": {
+            "score": "normalized" if opts.normalize else "delta",
+            "top_fraction": opts.top_fraction if opts.top_k is None else None,
+            "top_k": k,
+            "layer_start": layer_range[0],
+            "layer_end": layer_range[1],  # exclusive
+            "chat_template": opts.chat_template,
+            "positive": {"name": positive.name, "n": len(positive), "sha256": positive.sha256},
+            "negative": {"name": negative.name, "n": len(negative), "sha256": negative.sha256},
+            "universal_filter": {
+                "enabled": opts.universal_filter,
+                "threshold": opts.universal_threshold if opts.universal_filter else None,
+                "contrasts": [a.name.removesuffix(".a") for a, _ in contrasts] if opts.universal_filter else [],
+                "n_universal": n_universal,
+                "removed": removed,
+            },
+        },
+    }
+    mask = NeuronMask(
+        arch=fp.arch, n_layer=fp.n_layer, n_ff=fp.n_ff, n_embd=fp.n_embd, fingerprint=fp.digest,
+        model_name=loaded.name, layers=selection.layers, neurons=selection.neurons, scores=selection.scores,
+        multiplier=opts.multiplier, meta=meta,
+    )
+    return AttributionResult(mask=mask, n_universal=n_universal, n_universal_removed=removed, seconds=seconds)

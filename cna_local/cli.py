@@ -1,0 +1,33 @@
+"""The `cna-local` command line: a click group that each command module registers on."""
+
+from __future__ import annotations
+
+import click
+
+from . import __version__
+from .commands.attribute import attribute
+from .commands.inspect import inspect
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="cna-local")
+def cli() -> None:
+    """Contrastive Neuron Attribution steering for local LLMs.
+
+    \b
+    1. Find the MLP neurons behind a behaviour (by default: refusing harmful
+       requests) by contrasting two prompt sets, and save them as a mask file:
+         cna-local attribute --model model.gguf --out refusal.gguf
+    2. Look at what was found:
+         cna-local inspect refusal.gguf
+
+    Start with `cna-local attribute --help`.
+    """
+
+
+cli.add_command(attribute)
+cli.add_command(inspect)
+
+
+if __name__ == "__main__":
+    cli()

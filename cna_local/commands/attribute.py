@@ -1,0 +1,143 @@
+"""`cna-local attribute`: find the neurons that separate two prompt sets and write a mask file."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from ..errors import CnaLocalError
+
+DEFAULT_POSITIVE = "harmful_train"
+DEFAULT_NEGATIVE = "benign_train"
+
+
+@click.command()
+@click.option("--model", "model_spec", required=True, metavar="PATH",
+              help="Model: a Hugging Face directory or a .gguf file.")
+@click.option("--positive", default=DEFAULT_POSITIVE, show_default=True, metavar="FILE|NAME",
+              help="Prompts showing the behaviour: a .txt (one per line), .jsonl or .csv file, or a bundled set name.")
+@click.option("--negative", default=DEFAULT_NEGATIVE, show_default=True, metavar="FILE|NAME",
+              help="Prompts without the behaviour, same formats.")
+@click.option("--field", default="prompt", show_default=True,
+              help="The prompt field of .jsonl files / column of .csv files.")
+@click.option("--top-fraction", type=float, default=None,
+              help="Keep this fraction of ALL MLP neurons (n_layer x n_ff), by |score|, at least one.  [default: 0.001]")
+@click.option("--top-k", type=int, default=None, help="Keep exactly this many neurons (instead of --top-fraction).")
+@click.option("--normalize", is_flag=True,
+              help="Score = difference of means / pooled standard deviation, instead of the plain difference of means.")
+@click.option("--layers", default=None, metavar="START:END",
+              help="Only pick neurons in layers START..END-1 (END exclusive, like a Python slice; '8:', ':-2' work).")
+@click.option("--universal-filter/--no-universal-filter", default=True, show_default=True,
+              help="Drop neurons that also top the bundled unrelated contrasts (style, language, topic ...).")
+@click.option("--universal-threshold", type=float, default=0.8, show_default=True,
+              help="A neuron is universal if it is in the top set of at least this fraction of the contrasts.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Prompts per forward pass.")
+@click.option("--no-chat-template", is_flag=True,
+              help="Feed raw prompt text instead of a chat-formatted user turn (for models without a chat template).")
+@click.option("--multiplier", type=float, default=0.0, show_default=True,
+              help="The mask's default strength: 0 ablates the neurons, 1 leaves them, >1 amplifies.")
+@click.option("--name", default=None, help="A label stored in the mask file.")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the cache of dequantized GGUF weights.")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), metavar="MASK.gguf",
+              help="Where to write the mask file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def attribute(model_spec, positive, negative, field, top_fraction, top_k, normalize, layers, universal_filter,
+              universal_threshold, batch_size, no_chat_template, multiplier, name, no_cache, out, as_json, quiet):
+    """Find the MLP neurons that separate POSITIVE from NEGATIVE prompts and save them as a mask.
+
+    Every prompt runs through the model's chat template; at the last prompt
+    token the input of each layer's MLP down projection is recorded. A neuron's
+    score is mean(positive) - mean(negative); the top ones by |score| over all
+    layers go into MASK.gguf, which `cna-local inspect` shows and the runtime applies.
+
+    \b
+    Example:
+      cna-local attribute --model qwen2.5-0.5b-instruct-q8_0.gguf --out refusal.gguf
+    """
+    try:
+        summary = _run(model_spec, positive, negative, field, top_fraction, top_k, normalize, layers,
+                       universal_filter, universal_threshold, batch_size, not no_chat_template, multiplier,
+                       name, not no_cache, out, not quiet)
+    except CnaLocalError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+
+
+def _run(model_spec, positive, negative, field, top_fraction, top_k, normalize, layers, universal_filter,
+         universal_threshold, batch_size, chat_template, multiplier, name, use_cache, out, progress) -> dict:
+    # Heavy imports here so that `cna-local --help` stays fast.
+    from ..attribution import AttributionOptions, attribute as run_attribution
+    from ..loading import load_model
+    from ..maskfile import check_multiplier
+    from ..models import resolve_model
+    from ..prompts import load_contrast_pairs, resolve_prompt_set
+    from ..scoring import ScoringError, parse_layer_spec
+
+    started = time.perf_counter()
+    # Everything that can be checked without the model is checked first.
+    if top_fraction is not None and top_k is not None:
+        raise ScoringError("give either --top-fraction or --top-k, not both.")
+    parse_layer_spec(layers)
+    check_multiplier(multiplier)
+    model_path = resolve_model(model_spec)
+    if out.resolve() == model_path.resolve():
+        raise CnaLocalError(f"--out {out} is the model file itself. Fix: write the mask to another file.")
+    if not out.parent.is_dir():
+        raise CnaLocalError(f"the directory of --out ({out.parent}) does not exist. Fix: create it or pick another path.")
+    pos = resolve_prompt_set(positive, field)
+    neg = resolve_prompt_set(negative, field)
+    contrasts = load_contrast_pairs() if universal_filter else None
+
+    t0 = time.perf_counter()
+    loaded = load_model(model_path, use_cache=use_cache)
+    load_seconds = time.perf_counter() - t0
+
+    options = AttributionOptions(
+        top_fraction=top_fraction, top_k=top_k, normalize=normalize, layers=layers,
+        universal_filter=universal_filter, universal_threshold=universal_threshold, batch_size=batch_size,
+        chat_template=chat_template, multiplier=multiplier, progress=progress,
+    )
+    result = run_attribution(loaded, pos, neg, options, contrasts=contrasts, name=name)
+    result.mask.save(out)
+    mask = result.mask
+    return {
+        "out": str(out),
+        "file_bytes": out.stat().st_size,
+        "model": str(model_path),
+        "arch": mask.arch,
+        "n_layer": mask.n_layer,
+        "n_ff": mask.n_ff,
+        "fingerprint": mask.fingerprint,
+        "n_neurons": len(mask),
+        "multiplier": mask.multiplier,
+        "per_layer": {str(k): v for k, v in mask.per_layer_counts().items()},
+        "selection": mask.meta["selection"],
+        "seconds": {"load": round(load_seconds, 2), **{k: round(v, 2) for k, v in result.seconds.items()},
+                    "total": round(time.perf_counter() - started, 2)},
+    }
+
+
+def _print_summary(s: dict) -> None:
+    sel = s["selection"]
+    click.echo(f"Wrote {s['out']} ({s['file_bytes'] / 1024:.1f} KB): {s['n_neurons']} neurons in "
+               f"{len(s['per_layer'])} of {s['n_layer']} layers, score {sel['score']}, multiplier {s['multiplier']:g}")
+    click.echo(f"  model {s['model']} ({s['arch']}, n_ff {s['n_ff']}, fingerprint {s['fingerprint'][:12]})")
+    click.echo(f"  prompts: {sel['positive']['n']} positive ({sel['positive']['name']}) vs "
+               f"{sel['negative']['n']} negative ({sel['negative']['name']})")
+    uf = sel["universal_filter"]
+    if uf["enabled"]:
+        click.echo(f"  universal filter: {uf['n_universal']} neurons top >= {uf['threshold']:.0%} of "
+                   f"{len(uf['contrasts'])} unrelated contrasts; {uf['removed']} of them removed from the selection")
+    click.echo("  neurons per layer:")
+    width = max(s["per_layer"].values())
+    for layer, count in s["per_layer"].items():
+        click.echo(f"    {int(layer):>3} {'#' * max(1, round(20 * count / width))} {count}")
+    t = s["seconds"]
+    click.echo("  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()))

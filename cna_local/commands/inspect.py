@@ -1,0 +1,79 @@
+"""`cna-local inspect`: show what a mask file holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ..errors import CnaLocalError
+
+
+def mask_report(mask, top: int) -> dict:
+    order = np.argsort(-np.abs(mask.scores), kind="stable")[:top]
+    return {
+        "name": mask.meta.get("name", ""),
+        "format_version": mask.meta.get("version"),
+        "tool_version": mask.meta.get("tool_version"),
+        "model": {"name": mask.model_name, "arch": mask.arch, "n_layer": mask.n_layer, "n_ff": mask.n_ff,
+                  "n_embd": mask.n_embd, "fingerprint": mask.fingerprint},
+        "n_neurons": len(mask),
+        "multiplier": mask.multiplier,
+        "per_neuron_scales": mask.scales is not None,
+        "prompts_sha256": mask.meta.get("prompts_sha256", ""),
+        "selection": mask.meta.get("selection", {}),
+        "per_layer": {str(k): v for k, v in mask.per_layer_counts().items()},
+        "top": [{"layer": int(mask.layers[i]), "neuron": int(mask.neurons[i]), "score": float(mask.scores[i])}
+                for i in order],
+    }
+
+
+def _selection_lines(sel: dict) -> list[str]:
+    lines = [f"score       {sel.get('score')}, top {sel.get('top_k')} of all MLP neurons"
+             + (f" (fraction {sel['top_fraction']:g})" if sel.get("top_fraction") else "")
+             + f", layers {sel.get('layer_start')}:{sel.get('layer_end')} (end exclusive)"]
+    for side in ("positive", "negative"):
+        if side in sel:
+            lines.append(f"{side:<11} {sel[side]['n']} prompts from {sel[side]['name']} (sha256 {sel[side]['sha256'][:12]})")
+    uf = sel.get("universal_filter") or {}
+    if uf.get("enabled"):
+        lines.append(f"universal   filter on: {uf['n_universal']} neurons in the top set of >= {uf['threshold']:.0%} "
+                     f"of {len(uf['contrasts'])} contrasts, {uf['removed']} removed from the selection")
+    elif uf:
+        lines.append("universal   filter off")
+    return lines
+
+
+@click.command()
+@click.argument("mask_path", metavar="MASK", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, help="How many top neurons to list.")
+def inspect(mask_path: Path, as_json: bool, top: int) -> None:
+    """Show a mask file's model, selection settings, neurons per layer and top neurons."""
+    from ..maskfile import NeuronMask
+
+    try:
+        mask = NeuronMask.load(mask_path)
+    except CnaLocalError as exc:
+        raise click.ClickException(str(exc)) from exc
+    report = mask_report(mask, top)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    m, sel = report["model"], report["selection"]
+    click.echo(f"{mask_path}: neuron mask v{report['format_version']} ({report['name']})")
+    click.echo(f"  model       {m['name']} ({m['arch']}, {m['n_layer']} layers, n_ff {m['n_ff']}, n_embd {m['n_embd']})")
+    click.echo(f"  fingerprint {m['fingerprint']}")
+    click.echo(f"  neurons     {report['n_neurons']}, default multiplier {report['multiplier']:g}"
+               + (" (per-neuron scales stored)" if report["per_neuron_scales"] else ""))
+    if sel:
+        for line in _selection_lines(sel):
+            click.echo(f"  {line}")
+    click.echo(f"  made by     cna-local {report['tool_version']}")
+    click.echo("  neurons per layer: " + ", ".join(f"{k}:{v}" for k, v in report["per_layer"].items()))
+    if report["top"]:
+        click.echo(f"  top {len(report['top'])} by |score|:")
+        for row in report["top"]:
+            click.echo(f"    layer {row['layer']:>3}  neuron {row['neuron']:>6}  score {row['score']:+.5g}")
