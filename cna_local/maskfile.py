@@ -237,8 +237,10 @@ def read_mask(path: str | Path) -> NeuronMask:
         message = _describe_other_gguf(reader, path)
         raise MaskFileError(message if "Fix:" in message else message + ". Fix: pass a mask made by `cna-local attribute`.")
 
-    def value(key: str, kind: type):
+    def value(key: str, kind: type, default=None):
         f = reader.get_field(key)
+        if f is None and default is not None:
+            return default
         if f is None:
             raise MaskFileError(f"{path} has no '{key}' entry; the mask file is incomplete. Fix: make it again with `cna-local attribute`.")
         try:
@@ -250,10 +252,11 @@ def read_mask(path: str | Path) -> NeuronMask:
     if version > FORMAT_VERSION:
         raise MaskFileError(f"{path} is a version {version} mask; this cna-local reads up to version {FORMAT_VERSION}. Fix: upgrade cna-local.")
     try:
-        selection = json.loads(value(KEY_PREFIX + "selection", str) or "{}")
+        selection = json.loads(value(KEY_PREFIX + "selection", str, default="") or "{}")
     except json.JSONDecodeError:
         raise MaskFileError(f"{path}: the selection entry is not valid JSON. Fix: make the mask again with `cna-local attribute`.") from None
 
+    # Informational strings are optional: GGUFWriter silently skips empty strings.
     per_layer: dict[int, dict[str, np.ndarray]] = {}
     for tensor in reader.tensors:
         match = _TENSOR_RE.match(tensor.name)
@@ -294,9 +297,9 @@ def read_mask(path: str | Path) -> NeuronMask:
     meta = {
         "version": version,
         "name": reader.get_field("general.name").contents() if reader.get_field("general.name") else "",
-        "prompts_sha256": value(KEY_PREFIX + "prompts_sha256", str),
+        "prompts_sha256": value(KEY_PREFIX + "prompts_sha256", str, default=""),
         "selection": selection,
-        "tool_version": value(KEY_PREFIX + "tool_version", str),
+        "tool_version": value(KEY_PREFIX + "tool_version", str, default=""),
     }
     try:
         return NeuronMask(
@@ -305,7 +308,7 @@ def read_mask(path: str | Path) -> NeuronMask:
             n_ff=value(KEY_PREFIX + "n_ff", int),
             n_embd=value(KEY_PREFIX + "n_embd", int),
             fingerprint=value(KEY_PREFIX + "model_fingerprint", str),
-            model_name=value(KEY_PREFIX + "model_name", str),
+            model_name=value(KEY_PREFIX + "model_name", str, default=""),
             layers=np.concatenate(layers) if layers else empty,
             neurons=np.concatenate(neurons) if neurons else empty,
             scores=np.concatenate(scores) if scores else empty.astype(np.float32),
