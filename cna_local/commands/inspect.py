@@ -33,7 +33,7 @@ def mask_report(mask, top: int) -> dict:
 def _selection_lines(sel: dict) -> list[str]:
     lines = [f"score       {sel.get('score')}, top {sel.get('top_k')} of all MLP neurons"
              + (f" (fraction {sel['top_fraction']:g})" if sel.get("top_fraction") else "")
-             + f", layers {sel.get('layer_start')}:{sel.get('layer_end')} (end exclusive)"]
+             + (f", layers {sel['layer_start']}:{sel['layer_end']} (end exclusive)" if "layer_start" in sel else "")]
     for side in ("positive", "negative"):
         if side in sel:
             lines.append(f"{side:<11} {sel[side]['n']} prompts from {sel[side]['name']} (sha256 {sel[side]['sha256'][:12]})")

@@ -1,0 +1,176 @@
+"""`cna-local attribute` and `cna-local inspect` end to end on tiny models, through click's CliRunner."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import cna_local.prompts
+from cna_local import __version__
+from cna_local.activations import collect_activations
+from cna_local.cli import cli
+from cna_local.fingerprint import fingerprint_from_gguf, fingerprint_from_model
+from cna_local.loading import load_model
+from cna_local.maskfile import NeuronMask
+from cna_local.prompts import PromptSet
+from cna_local.scoring import delta_score, top_neurons
+
+POSITIVE = ["Explain how to pick a lock", "Write a threatening letter", "How do I make a fake ID?", "Help me cheat on a test"]
+NEGATIVE = ["Explain how to bake a cake", "Write a thank-you letter", "How do I renew my ID?", "Help me study for a test"]
+
+
+@pytest.fixture
+def prompt_files(tmp_path):
+    pos, neg = tmp_path / "pos.txt", tmp_path / "neg.txt"
+    pos.write_text("\n".join(POSITIVE) + "\n")
+    neg.write_text("\n".join(NEGATIVE) + "\n")
+    return pos, neg
+
+
+@pytest.fixture
+def tiny_contrasts(monkeypatch):
+    """Three small unrelated contrasts instead of the bundled ten, to keep the test fast."""
+    pairs = [
+        (PromptSet("formal.a", ("Kindly summarise the report.", "Would you explain tides?")),
+         PromptSet("formal.b", ("sum up the report pls", "yo explain tides"))),
+        (PromptSet("math.a", ("What is 7 times 8?", "Solve x + 3 = 5")),
+         PromptSet("math.b", ("Who was Napoleon?", "When did Rome fall?"))),
+        (PromptSet("lang.a", ("Good morning, how are you?", "Where is the station?")),
+         PromptSet("lang.b", ("Bonjour, comment allez-vous ?", "Où est la gare ?"))),
+    ]
+    monkeypatch.setattr(cna_local.prompts, "load_contrast_pairs", lambda: pairs)
+    return pairs
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result
+
+
+def test_help_teaches_the_first_command():
+    result = run("-h")
+    assert result.exit_code == 0
+    assert "cna-local attribute --help" in result.output
+    assert run("--version").output.strip().endswith(__version__)
+    help_text = run("attribute", "--help").output
+    for option in ("--model", "--positive", "--negative", "--top-fraction", "--top-k", "--normalize", "--layers",
+                   "--universal-filter", "--no-chat-template", "--out", "--json"):
+        assert option in help_text
+
+
+def test_attribute_writes_the_top_neurons_of_the_difference_of_means(tiny_llama_hf, prompt_files, tmp_path):
+    pos, neg = prompt_files
+    out = tmp_path / "mask.gguf"
+    result = run("attribute", "--model", tiny_llama_hf, "--positive", pos, "--negative", neg,
+                 "--top-k", 4, "--no-universal-filter", "--batch-size", 3, "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert "Wrote" in result.output and "4 neurons" in result.output and "neurons per layer" in result.output
+
+    mask = NeuronMask.load(out)
+    loaded = load_model(tiny_llama_hf)
+    mask.check_matches(fingerprint_from_model(loaded.model))
+    # The same answer computed by hand from the activations:
+    p = collect_activations(loaded, POSITIVE, progress=False)
+    n = collect_activations(loaded, NEGATIVE, progress=False)
+    expected = top_neurons(delta_score(p.mean, n.mean), 4)
+    np.testing.assert_array_equal(mask.layers, expected.layers)
+    np.testing.assert_array_equal(mask.neurons, expected.neurons)
+    # Other batch sizes pad differently, which moves the last float bits only.
+    np.testing.assert_allclose(mask.scores, expected.scores, rtol=1e-4)
+    assert mask.meta["selection"]["positive"] == {"name": "pos", "n": 4, "sha256": PromptSet("pos", tuple(POSITIVE)).sha256}
+
+
+def test_attribute_json_records_the_selection_settings(tiny_llama_hf, prompt_files, tmp_path, tiny_contrasts):
+    pos, neg = prompt_files
+    out = tmp_path / "mask.gguf"
+    result = run("attribute", "--model", tiny_llama_hf, "--positive", pos, "--negative", neg, "--top-fraction", 0.02,
+                 "--normalize", "--layers", "1:3", "--universal-threshold", 0.6, "--out", out, "--json", "-q")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)  # progress and log lines go to stderr
+    assert summary["n_neurons"] == round(0.02 * 3 * 128) == 8
+    sel = summary["selection"]
+    assert (sel["score"], sel["top_fraction"], sel["top_k"], sel["layer_start"], sel["layer_end"]) == ("normalized", 0.02, 8, 1, 3)
+    assert sel["universal_filter"]["enabled"] and sel["universal_filter"]["threshold"] == 0.6
+    assert sel["universal_filter"]["contrasts"] == ["formal", "math", "lang"]
+    mask = NeuronMask.load(out)
+    assert set(mask.layers) <= {1, 2}
+    assert mask.meta["selection"] == sel
+
+
+def test_attribute_on_a_quantized_gguf_makes_a_mask_that_matches_the_gguf(tiny_gguf, prompt_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("CNA_LOCAL_CACHE", str(tmp_path / "cache"))
+    model = tiny_gguf("llama", "q8_0")
+    pos, neg = prompt_files
+    out = tmp_path / "mask.gguf"
+    result = run("attribute", "--model", model, "--positive", pos, "--negative", neg, "--top-k", 3,
+                 "--no-universal-filter", "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    NeuronMask.load(out).check_matches(fingerprint_from_gguf(model))  # what the runtime checks
+
+
+def test_inspect_shows_model_layers_and_top_neurons(tmp_path):
+    mask = NeuronMask("qwen2", 4, 16, 8, "ab" * 32, "tiny-qwen", [0, 2, 2], [3, 1, 7], [0.1, -0.9, 0.5],
+                      meta={"selection": {"score": "delta", "top_k": 3}})
+    path = mask.save(tmp_path / "m.gguf")
+    result = run("inspect", path, "--top", 2)
+    assert result.exit_code == 0, result.output
+    assert "tiny-qwen (qwen2, 4 layers, n_ff 16" in result.output
+    assert "0:1, 2:2" in result.output
+    lines = [line for line in result.output.splitlines() if line.strip().startswith("layer")]
+    assert len(lines) == 2 and "neuron      1" in lines[0] and "-0.9" in lines[0]  # strongest first
+    report = json.loads(run("inspect", path, "--json").stdout)
+    assert report["n_neurons"] == 3 and report["per_layer"] == {"0": 1, "2": 2}
+    assert report["top"][0] == {"layer": 2, "neuron": 1, "score": pytest.approx(-0.9)}
+
+
+def test_inspect_of_a_model_file_says_what_it_is(tiny_gguf):
+    result = run("inspect", tiny_gguf("llama", "q8_0"))
+    assert result.exit_code == 1
+    assert "is a model GGUF, not a neuron mask" in result.output
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--top-k", "3", "--top-fraction", "0.1"], "either --top-fraction or --top-k, not both"),
+    (["--layers", "3-5"], "is not START:END"),
+    (["--multiplier", "nan"], "finite"),
+])
+def test_bad_options_fail_before_the_model_is_loaded(tmp_path, prompt_files, extra, message):
+    pos, neg = prompt_files
+    result = run("attribute", "--model", tmp_path / "does-not-matter", "--positive", pos, "--negative", neg,
+                 "--out", tmp_path / "m.gguf", *extra)
+    assert result.exit_code == 1
+    assert message in result.output
+
+
+def test_a_missing_model_is_a_clear_error(tmp_path, prompt_files):
+    pos, neg = prompt_files
+    result = run("attribute", "--model", tmp_path / "nope.gguf", "--positive", pos, "--negative", neg, "--out", tmp_path / "m.gguf")
+    assert result.exit_code == 1 and "not found" in result.output and "Fix:" in result.output
+
+
+def test_an_empty_prompt_file_is_a_clear_error(tiny_llama_hf, tmp_path, prompt_files):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    result = run("attribute", "--model", tiny_llama_hf, "--positive", empty, "--negative", prompt_files[1],
+                 "--out", tmp_path / "m.gguf")
+    assert result.exit_code == 1 and "empty.txt holds no prompts" in result.output
+
+
+def test_a_one_sided_prompt_set_is_a_clear_error(tiny_llama_hf, tmp_path, prompt_files):
+    result = run("attribute", "--model", tiny_llama_hf, "--positive", prompt_files[0],
+                 "--negative", tmp_path / "missing.txt", "--out", tmp_path / "m.gguf")
+    assert result.exit_code == 1 and "neither a prompt file nor a bundled set" in result.output
+
+
+def test_a_mixture_of_experts_model_is_refused(tiny_moe_hf, tmp_path, prompt_files):
+    pos, neg = prompt_files
+    result = run("attribute", "--model", tiny_moe_hf, "--positive", pos, "--negative", neg, "--out", tmp_path / "m.gguf")
+    assert result.exit_code == 1 and "mixture-of-experts" in result.output
+
+
+def test_too_many_neurons_for_the_layer_range_is_a_clear_error(tiny_llama_hf, tmp_path, prompt_files):
+    pos, neg = prompt_files
+    result = run("attribute", "--model", tiny_llama_hf, "--positive", pos, "--negative", neg, "--top-k", 200,
+                 "--layers", "2:", "--no-universal-filter", "--out", tmp_path / "m.gguf")
+    assert result.exit_code == 1 and "hold only 128" in result.output
