@@ -104,6 +104,7 @@ class NeuronSteering:
         self._llm = llm
         self.shape = model_shape(llm)
         self.mask: "NeuronMask | None" = None
+        self._fingerprint = None
         self._multiplier: float | None = None
 
     # -- the sparse form the C API takes
@@ -147,9 +148,11 @@ class NeuronSteering:
 
     def set_mask(self, mask: "NeuronMask", multiplier: float | None = None) -> None:
         """Apply a NeuronMask (see cna_local.maskfile) at `multiplier` (default: the mask's own)."""
-        from ..fingerprint import check_mask_matches_gguf
+        from ..fingerprint import fingerprint_from_gguf
 
-        check_mask_matches_gguf(mask, self._llm.model_path)
+        if self._fingerprint is None:  # the model file does not change under a live Llama
+            self._fingerprint = fingerprint_from_gguf(self._llm.model_path)
+        mask.check_matches(self._fingerprint, model_label=self._llm.model_path)
         m = check_multiplier(mask.multiplier if multiplier is None else multiplier)
         self.set_entries(mask.layers, mask.neurons, mask.scales_for(m))
         self.mask, self._multiplier = mask, m
