@@ -6,6 +6,7 @@ import click
 
 from . import __version__
 from .commands.attribute import attribute
+from .commands.eval import eval_command
 from .commands.inspect import inspect
 
 
@@ -27,6 +28,7 @@ def cli() -> None:
 
 cli.add_command(attribute)
 cli.add_command(inspect)
+cli.add_command(eval_command)
 
 
 if __name__ == "__main__":
