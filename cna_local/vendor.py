@@ -65,9 +65,9 @@ def _download_sdist(dest_dir: Path) -> Path:
     return sdist
 
 
-def sdist_path() -> Path:
+def sdist_path(cache: Path | None = None) -> Path:
     """The verified sdist archive, downloading it once if missing."""
-    downloads = cache_dir() / "downloads"
+    downloads = (cache or cache_dir()) / "downloads"
     sdist = downloads / SDIST_NAME
     if not sdist.exists():
         sdist = _download_sdist(downloads)
@@ -80,14 +80,14 @@ def sdist_path() -> Path:
     return sdist
 
 
-def sdist_root() -> Path:
+def sdist_root(cache: Path | None = None) -> Path:
     """The extracted sdist directory (contains vendor/llama.cpp), extracting once."""
-    root_parent = cache_dir() / "vendor"
+    root_parent = (cache or cache_dir()) / "vendor"
     root = root_parent / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
     marker = root / ".cna-local-extracted"
     if marker.exists():
         return root
-    archive = sdist_path()
+    archive = sdist_path(cache)
     root_parent.mkdir(parents=True, exist_ok=True)
     # Extract into a private temp dir and rename, so a concurrent build and
     # test run never see a half-extracted tree.
@@ -112,9 +112,9 @@ def sdist_root() -> Path:
     return root
 
 
-def llama_cpp_tree() -> Path:
+def llama_cpp_tree(cache: Path | None = None) -> Path:
     """The pinned llama.cpp source tree (``<sdist>/vendor/llama.cpp``)."""
-    return sdist_root() / "vendor" / "llama.cpp"
+    return sdist_root(cache) / "vendor" / "llama.cpp"
 
 
 def main(argv: list[str] | None = None) -> int:

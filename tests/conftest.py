@@ -10,6 +10,14 @@ import pytest
 from tiny_models import build_tiny_hf, to_gguf
 
 
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own empty cna-local cache, so no test reads or fills the user's."""
+    cache = tmp_path / "cna-local-cache"
+    monkeypatch.setenv("CNA_LOCAL_CACHE", str(cache))
+    return cache
+
+
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory) -> Callable[..., Path]:
     """Factory: tiny_hf(arch, seed=0) -> HF directory of a tiny random model, cached for the session."""

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from cna_local.activations import ActivationError, collect_activations
+from cna_local.contrast_stats import contrast_cache_dir, contrast_stats
 from cna_local.loading import ModelLoadError, UnsupportedModelError, dequantized_cache_dir, load_model
+from cna_local.prompts import PromptSet
 from cna_local.templating import ChatTemplateError, encode_prompts
 
 PROMPTS = [
@@ -106,8 +108,7 @@ def test_paths_that_are_no_model_are_clear_errors(tmp_path):
         load_model(other)
 
 
-def test_gguf_loads_dequantized_and_the_second_load_comes_from_the_cache(tiny_gguf, tmp_path, monkeypatch):
-    monkeypatch.setenv("CNA_LOCAL_CACHE", str(tmp_path / "cache"))
+def test_gguf_loads_dequantized_and_the_second_load_comes_from_the_cache(tiny_gguf):
     path = tiny_gguf("llama", "q8_0")
     first = load_model(path)
     entries = list(dequantized_cache_dir().iterdir())
@@ -116,3 +117,18 @@ def test_gguf_loads_dequantized_and_the_second_load_comes_from_the_cache(tiny_gg
     a = collect_activations(first, PROMPTS[:3], keep=True, progress=False)
     b = collect_activations(second, PROMPTS[:3], keep=True, progress=False)
     np.testing.assert_array_equal(a.values, b.values)
+
+
+def test_contrast_statistics_are_cached_per_model_file_and_prompts(llama, isolated_cache):
+    pairs = [(PromptSet("x.a", tuple(PROMPTS[:2])), PromptSet("x.b", tuple(PROMPTS[2:4])))]
+    first = contrast_stats(llama, pairs, progress=False)
+    assert len(list(contrast_cache_dir().glob("*.npz"))) == 1
+    again = contrast_stats(llama, pairs, progress=False)
+    for (a1, b1), (a2, b2) in zip(first, again):
+        assert (a1.n, b1.n) == (a2.n, b2.n) == (2, 2)
+        np.testing.assert_array_equal(a1.sum, a2.sum)
+        np.testing.assert_array_equal(b1.sumsq, b2.sumsq)
+    contrast_stats(llama, pairs, chat_template=False, progress=False)  # other settings, other entry
+    other_prompts = [(pairs[0][0], PromptSet("x.b", tuple(PROMPTS[1:4])))]
+    contrast_stats(llama, other_prompts, progress=False)
+    assert len(list(contrast_cache_dir().glob("*.npz"))) == 3

@@ -85,7 +85,8 @@ def test_attribute_json_records_the_selection_settings(tiny_llama_hf, prompt_fil
     pos, neg = prompt_files
     out = tmp_path / "mask.gguf"
     result = run("attribute", "--model", tiny_llama_hf, "--positive", pos, "--negative", neg, "--top-fraction", 0.02,
-                 "--normalize", "--layers", "1:3", "--universal-threshold", 0.6, "--out", out, "--json", "-q")
+                 "--normalize", "--layers", "1:3", "--universal-filter", "--universal-threshold", 0.6,
+                 "--out", out, "--json", "-q")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)  # progress and log lines go to stderr
     assert summary["n_neurons"] == round(0.02 * 3 * 128) == 8
@@ -98,8 +99,25 @@ def test_attribute_json_records_the_selection_settings(tiny_llama_hf, prompt_fil
     assert mask.meta["selection"] == sel
 
 
-def test_attribute_on_a_quantized_gguf_makes_a_mask_that_matches_the_gguf(tiny_gguf, prompt_files, tmp_path, monkeypatch):
-    monkeypatch.setenv("CNA_LOCAL_CACHE", str(tmp_path / "cache"))
+def test_universal_filter_drops_neurons_that_top_every_contrast(tiny_llama_hf, prompt_files, tmp_path, monkeypatch):
+    pos, neg = prompt_files
+    common = ["attribute", "--model", tiny_llama_hf, "--positive", pos, "--negative", neg, "--top-k", 4, "--json", "-q"]
+    assert run(*common, "--out", tmp_path / "plain.gguf").exit_code == 0
+    plain = NeuronMask.load(tmp_path / "plain.gguf")
+    assert not plain.meta["selection"]["universal_filter"]["enabled"]  # off by default
+    # Contrasts identical to the main contrast: its top neurons are "universal" by construction.
+    same = (PromptSet("same.a", tuple(POSITIVE)), PromptSet("same.b", tuple(NEGATIVE)))
+    monkeypatch.setattr(cna_local.prompts, "load_contrast_pairs", lambda: [same] * 3)
+    result = run(*common, "--universal-filter", "--out", tmp_path / "filtered.gguf")
+    assert result.exit_code == 0, result.output
+    uf = json.loads(result.stdout)["selection"]["universal_filter"]
+    assert uf["removed"] == 4 and uf["n_universal"] >= 4
+    filtered = NeuronMask.load(tmp_path / "filtered.gguf")
+    assert len(filtered) == 4  # refilled from the next-best neurons
+    assert not set(zip(filtered.layers, filtered.neurons)) & set(zip(plain.layers, plain.neurons))
+
+
+def test_attribute_on_a_quantized_gguf_makes_a_mask_that_matches_the_gguf(tiny_gguf, prompt_files, tmp_path):
     model = tiny_gguf("llama", "q8_0")
     pos, neg = prompt_files
     out = tmp_path / "mask.gguf"

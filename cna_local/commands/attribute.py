@@ -30,8 +30,9 @@ DEFAULT_NEGATIVE = "benign_train"
               help="Score = difference of means / pooled standard deviation, instead of the plain difference of means.")
 @click.option("--layers", default=None, metavar="START:END",
               help="Only pick neurons in layers START..END-1 (END exclusive, like a Python slice; '8:', ':-2' work).")
-@click.option("--universal-filter/--no-universal-filter", default=True, show_default=True,
-              help="Drop neurons that also top the bundled unrelated contrasts (style, language, topic ...).")
+@click.option("--universal-filter/--no-universal-filter", default=False, show_default=True,
+              help="Drop neurons that also top the bundled unrelated contrasts (style, language, topic ...). "
+                   "The contrasts' activations are cached per model file, so only the first run pays for them.")
 @click.option("--universal-threshold", type=float, default=0.8, show_default=True,
               help="A neuron is universal if it is in the top set of at least this fraction of the contrasts.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Prompts per forward pass.")
@@ -40,7 +41,8 @@ DEFAULT_NEGATIVE = "benign_train"
 @click.option("--multiplier", type=float, default=0.0, show_default=True,
               help="The mask's default strength: 0 ablates the neurons, 1 leaves them, >1 amplifies.")
 @click.option("--name", default=None, help="A label stored in the mask file.")
-@click.option("--no-cache", is_flag=True, help="Do not read or write the cache of dequantized GGUF weights.")
+@click.option("--no-cache", is_flag=True,
+              help="Do not read or write the caches (dequantized GGUF weights, contrast-pair statistics).")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), metavar="MASK.gguf",
               help="Where to write the mask file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -102,7 +104,7 @@ def _run(model_spec, positive, negative, field, top_fraction, top_k, normalize, 
     options = AttributionOptions(
         top_fraction=top_fraction, top_k=top_k, normalize=normalize, layers=layers,
         universal_filter=universal_filter, universal_threshold=universal_threshold, batch_size=batch_size,
-        chat_template=chat_template, multiplier=multiplier, progress=progress,
+        chat_template=chat_template, multiplier=multiplier, progress=progress, cache_contrasts=use_cache,
     )
     result = run_attribution(loaded, pos, neg, options, contrasts=contrasts, name=name)
     result.mask.save(out)
