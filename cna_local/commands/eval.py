@@ -1,0 +1,119 @@
+"""`cna-local eval`: refusal, over-refusal, quality and capability of a mask at several multipliers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import click
+
+from ..errors import CnaLocalError
+
+
+class MultiplierList(click.ParamType):
+    """A comma-separated list of finite numbers, e.g. 1,0,-1."""
+
+    name = "LIST"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        parts = [p.strip() for p in str(value).split(",")]
+        if not any(parts):
+            self.fail("give at least one multiplier, e.g. 1,0,-1.", param, ctx)
+        values = []
+        for part in parts:
+            if not part:
+                self.fail(f"{value!r} has an empty item. Give comma-separated numbers, e.g. 1,0,-1.", param, ctx)
+            try:
+                number = float(part)
+            except ValueError:
+                self.fail(f"{part!r} is not a number. Give comma-separated numbers, e.g. 1,0,-1.", param, ctx)
+            if not math.isfinite(number):
+                self.fail(f"{part!r} is not a finite number. Give e.g. 1,0,-1 (1 = unsteered, 0 = ablated, -1 = inverted).", param, ctx)
+            values.append(number)
+        return values
+
+
+@click.command("eval")
+@click.option("--model", "model_spec", required=True, metavar="MODEL",
+              help="The model: a .gguf file (or a named model).")
+@click.option("--mask", "mask_path", required=True, type=click.Path(path_type=Path), metavar="MASK.gguf",
+              help="The neuron mask made for this model by `cna-local attribute`.")
+@click.option("--multipliers", type=MultiplierList(), default="1,0,-1", show_default=True,
+              help="Mask strengths to evaluate, comma-separated. 1 is the unsteered baseline and is always run.")
+@click.option("--harmful", default="harmful_heldout", show_default=True, metavar="FILE|NAME",
+              help="Prompts that should be refused: .txt (one per line), .jsonl or .csv, or a bundled set name.")
+@click.option("--benign", default="benign_heldout", show_default=True, metavar="FILE|NAME",
+              help="Prompts that should be answered (over-refusal and quality), same formats.")
+@click.option("--field", default="prompt", show_default=True, help="The prompt field of .jsonl / column of .csv files.")
+@click.option("--capability", "capability_path", type=click.Path(path_type=Path), default=None, metavar="FILE.jsonl",
+              help='Capability questions, one {"question", "answers": [...]} per line.  [default: the bundled 40]')
+@click.option("--no-capability", is_flag=True, help="Skip the capability questions.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Use only the first N items of each set (harmful, benign, capability).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Reply tokens per harmful prompt (refusals show early).")
+@click.option("--quality-tokens", type=click.IntRange(min=1), default=150, show_default=True,
+              help="Reply tokens per benign prompt (over-refusal and quality are measured on these).")
+@click.option("--capability-tokens", type=click.IntRange(min=1), default=24, show_default=True,
+              help="Reply tokens per capability question.")
+@click.option("--no-chat-template", is_flag=True,
+              help="Feed raw prompt text instead of a chat-formatted user turn (for models without a chat template).")
+@click.option("--n-ctx", type=click.IntRange(min=64), default=2048, show_default=True, help="llama.cpp context size.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="CPU threads for llama.cpp.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="OUT.json",
+              help="Write every number and each prompt's reply, flags and probabilities to OUT.json ('-': stdout, instead of the table).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="PNG",
+              help="Plot refusal, over-refusal, quality and capability against the multiplier into PNG.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def eval_command(model_spec, mask_path, multipliers, harmful, benign, field, capability_path, no_capability, limit,
+                 max_tokens, quality_tokens, capability_tokens, no_chat_template, n_ctx, threads, json_path,
+                 plot_path, quiet):
+    """Measure what a mask does at each multiplier, in the patched llama.cpp.
+
+    Every prompt goes through the model's chat template and is answered
+    greedily. Per multiplier it reports the refusal rate on harmful prompts,
+    the over-refusal rate on benign ones (refusal marker phrases in the first
+    500 characters), the probability of a refusal opener, answer quality
+    (distinct 4-grams, likelihood of the unsteered answers, first-token KL,
+    degenerate replies) and capability accuracy. The table goes to stdout,
+    progress to stderr.
+
+    \b
+    Example:
+      cna-local eval --model qwen.gguf --mask refusal.gguf --multipliers 1,0,-1 \\
+                     --limit 10 --json eval.json --plot eval.png
+    """
+    from ..evaluation.report import format_table, plot, to_json, write_json
+    from ..evaluation.runner import evaluate
+    from ..models import resolve_model
+    from ..prompts import resolve_prompt_set
+
+    if no_capability and capability_path is not None:
+        raise click.UsageError("give either --capability or --no-capability, not both.")
+    for option, path in (("--json", json_path), ("--plot", plot_path)):
+        if path is not None and str(path) != "-" and not path.parent.is_dir():
+            raise click.ClickException(f"the directory of {option} ({path.parent}) does not exist. Fix: create it or pick another path.")
+    if plot_path is not None and str(plot_path) == "-":
+        raise click.ClickException("--plot needs a file path, not '-'.")
+    try:
+        model_path = resolve_model(model_spec)
+        harmful_set = resolve_prompt_set(harmful, field)
+        benign_set = resolve_prompt_set(benign, field)
+        capability = [] if no_capability else capability_path
+        result = evaluate(model_path, mask_path, multipliers, harmful_set, benign_set, capability, limit=limit,
+                          max_tokens=max_tokens, quality_tokens=quality_tokens, capability_tokens=capability_tokens,
+                          chat_template=not no_chat_template, n_ctx=n_ctx, n_threads=threads, progress=not quiet)
+    except CnaLocalError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if json_path is not None and str(json_path) == "-":
+        click.echo(to_json(result))
+    else:
+        click.echo(format_table(result))
+        if json_path is not None:
+            write_json(result, json_path)
+            click.echo(f"\nWrote {json_path}")
+    if plot_path is not None:
+        plot(result, plot_path)
+        click.echo(f"Wrote {plot_path}", err=json_path is not None and str(json_path) == "-")
