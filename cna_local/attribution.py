@@ -106,7 +106,7 @@ def attribute(
     n_universal = int(universal[layer_range[0]:layer_range[1]].sum()) if universal is not None else 0
     removed = int(universal[unfiltered.layers, unfiltered.neurons].sum()) if universal is not None else 0
 
-    fp = fingerprint_from_model(loaded.model, None)
+    fp = fingerprint_from_model(loaded.model)
     meta = {
         "name": name or f"{loaded.name} {positive.name} vs {negative.name}",
         "prompts_sha256": prompts_digest(positive, negative),

@@ -193,20 +193,18 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, use_cache: 
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is a directory without config.json, so not a Hugging Face model. Fix: pass the model directory or a .gguf file.")
-        loader = lambda: _load_hf_dir(path, dtype)  # noqa: E731
-        name = path.resolve().name
+        is_gguf, name = False, path.resolve().name
     elif path.is_file() and path.suffix.lower() == ".gguf":
-        loader = lambda: _load_gguf(path, dtype, use_cache)  # noqa: E731
-        name = path.stem
+        is_gguf, name = True, path.stem
     elif path.exists():
         raise ModelLoadError(f"{path} is neither a Hugging Face model directory nor a .gguf file. Fix: pass one of those.")
     else:
         raise ModelLoadError(f"{path} does not exist. Fix: pass a Hugging Face model directory or a .gguf file.")
     try:
-        model, tokenizer = loader()
+        model, tokenizer = _load_gguf(path, dtype, use_cache) if is_gguf else _load_hf_dir(path, dtype)
+    except CnaLocalError:
+        raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        if isinstance(exc, CnaLocalError):
-            raise
         raise ModelLoadError(f"could not load {path}: {exc}. Fix: check that it is a complete causal-LM checkpoint that transformers can read.") from exc
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=path, name=name, down_projs=down_projections(model))
