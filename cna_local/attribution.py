@@ -16,7 +16,9 @@ from .loading import LoadedModel
 from .maskfile import NeuronMask
 from .prompts import PromptSet, load_contrast_pairs
 from .scoring import (
+    DEFAULT_TOP_FRACTION,
     DEFAULT_UNIVERSAL_THRESHOLD,
+    check_threshold,
     ScoringError,
     delta_score,
     normalized_score,
@@ -80,8 +82,10 @@ def attribute(
     candidates = (layer_range[1] - layer_range[0]) * n_ff
     if k > candidates:
         raise ScoringError(f"asked for {k} neurons but layers {layer_range[0]}-{layer_range[1] - 1} hold only {candidates}. Fix: lower --top-k/--top-fraction or widen --layers.")
-    if opts.universal_filter and contrasts is None:
-        contrasts = load_contrast_pairs()
+    if opts.universal_filter:
+        check_threshold(opts.universal_threshold)
+        if contrasts is None:
+            contrasts = load_contrast_pairs()
 
     seconds: dict[str, float] = {}
 
@@ -113,7 +117,7 @@ def attribute(
         "tool_version": __version__,
         "selection": {
             "score": "normalized" if opts.normalize else "delta",
-            "top_fraction": opts.top_fraction if opts.top_k is None else None,
+            "top_fraction": None if opts.top_k is not None else (opts.top_fraction or DEFAULT_TOP_FRACTION),
             "top_k": k,
             "layer_start": layer_range[0],
             "layer_end": layer_range[1],  # exclusive

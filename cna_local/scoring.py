@@ -136,6 +136,12 @@ def top_set_mask(scores: np.ndarray, k: int, layer_range: tuple[int, int] | None
     return mask
 
 
+def check_threshold(threshold: float) -> float:
+    if not 0 < threshold <= 1:
+        raise ScoringError(f"the universal-neuron threshold must be in (0, 1], got {threshold} (0.8 = in 80% of contrasts).")
+    return threshold
+
+
 def universal_neurons(
     contrast_scores: list[np.ndarray], k: int,
     threshold: float = DEFAULT_UNIVERSAL_THRESHOLD,
@@ -144,8 +150,7 @@ def universal_neurons(
     """Bool [n_layer, n_ff]: neurons in the top k of at least `threshold` of the contrasts."""
     if not contrast_scores:
         raise ScoringError("the universal-neuron filter needs at least one contrast. Fix: give contrast pairs or turn the filter off.")
-    if not 0 < threshold <= 1:
-        raise ScoringError(f"the universal-neuron threshold must be in (0, 1], got {threshold} (0.8 = in 80% of contrasts).")
+    check_threshold(threshold)
     hits = sum(top_set_mask(s, k, layer_range).astype(np.int32) for s in contrast_scores)
     # Count needed, rounded up: 80% of 10 contrasts = 8, of 7 contrasts = 6.
     needed = math.ceil(threshold * len(contrast_scores) - 1e-9)

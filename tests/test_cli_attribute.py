@@ -152,6 +152,7 @@ def test_inspect_of_a_model_file_says_what_it_is(tiny_gguf):
     (["--top-k", "3", "--top-fraction", "0.1"], "either --top-fraction or --top-k, not both"),
     (["--layers", "3-5"], "is not START:END"),
     (["--multiplier", "nan"], "finite"),
+    (["--universal-filter", "--universal-threshold", "1.5"], "threshold must be in (0, 1]"),
 ])
 def test_bad_options_fail_before_the_model_is_loaded(tmp_path, prompt_files, extra, message):
     pos, neg = prompt_files

@@ -80,7 +80,7 @@ def _run(model_spec, positive, negative, field, top_fraction, top_k, normalize, 
     from ..maskfile import check_multiplier
     from ..models import resolve_model
     from ..prompts import load_contrast_pairs, resolve_prompt_set
-    from ..scoring import ScoringError, parse_layer_spec
+    from ..scoring import ScoringError, check_threshold, parse_layer_spec
 
     started = time.perf_counter()
     # Everything that can be checked without the model is checked first.
@@ -88,6 +88,7 @@ def _run(model_spec, positive, negative, field, top_fraction, top_k, normalize, 
         raise ScoringError("give either --top-fraction or --top-k, not both.")
     parse_layer_spec(layers)
     check_multiplier(multiplier)
+    check_threshold(universal_threshold)
     model_path = resolve_model(model_spec)
     if out.resolve() == model_path.resolve():
         raise CnaLocalError(f"--out {out} is the model file itself. Fix: write the mask to another file.")
