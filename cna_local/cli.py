@@ -6,6 +6,7 @@ import click
 
 from . import __version__
 from .commands.attribute import attribute
+from .commands.demo import demo
 from .commands.eval import eval_command
 from .commands.inspect import inspect
 
@@ -21,14 +22,18 @@ def cli() -> None:
          cna-local attribute --model model.gguf --out refusal.gguf
     2. Look at what was found:
          cna-local inspect refusal.gguf
+    3. Measure refusal, quality and capability at several strengths:
+         cna-local eval --model model.gguf --mask refusal.gguf --plot eval.png
 
-    Start with `cna-local attribute --help`.
+    Or all of it at once on the default model: `cna-local demo`.
+    Start with `cna-local demo --help` or `cna-local attribute --help`.
     """
 
 
 cli.add_command(attribute)
 cli.add_command(inspect)
 cli.add_command(eval_command)
+cli.add_command(demo)
 
 
 if __name__ == "__main__":
