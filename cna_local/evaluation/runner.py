@@ -424,7 +424,6 @@ def evaluate(
     capability: CapabilityItems or a .jsonl path; None = the bundled questions; [] = skip.
     limit: use only the first `limit` items of each set.
     """
-    from ..fingerprint import fingerprint_from_gguf
     from ..maskfile import NeuronMask
 
     started = time.perf_counter()
@@ -454,19 +453,20 @@ def evaluate(
 
         model_path = Path(llm_or_path)
         _check_gguf(model_path)
-        mask.check_matches(fingerprint_from_gguf(model_path), model_label=str(model_path))
         llm = SteeredLlama(str(model_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
     else:
         llm = llm_or_path
         if not hasattr(llm, "steering"):
             raise EvalError("evaluate() needs a cna_local.runtime.SteeredLlama (or a model path), not a plain Llama.")
         model_path = Path(llm.model_path)
-        mask.check_matches(fingerprint_from_gguf(model_path), model_label=str(model_path))
 
     steering = llm.steering
     saved = (steering.mask, steering.multiplier, None if steering.mask is not None or not steering.active else steering.entries())
     engine = None
     try:
+        # before any prompt runs: set_mask checks that the mask belongs to this model (by its fingerprint,
+        # which the steering computes once per model and caches)
+        llm.set_mask(mask, values[0])
         engine = Engine(llm, chat_template=chat_template)
         rows, states = _run(engine, llm, mask, values, harmful_prompts, benign_prompts, items,
                             max_tokens, quality_tokens, capability_tokens, progress)
