@@ -41,7 +41,8 @@ class AttributionOptions:
     universal_threshold: float = DEFAULT_UNIVERSAL_THRESHOLD
     batch_size: int = 8
     chat_template: bool = True
-    multiplier: float = 0.0
+    # -1 (invert), not 0 (ablate): on the default model ablating the top 0.1% raised refusal (see REPORT.md)
+    multiplier: float = -1.0
     progress: bool = True
     cache_contrasts: bool = True  # reuse the contrast pairs' statistics for this model file
 

@@ -1,0 +1,31 @@
+"""`cna-local demo` runs the whole job, attribution to side-by-side generations, in one command."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from cna_local.cli import cli
+from cna_local.maskfile import NeuronMask
+
+
+def test_demo_end_to_end_on_a_tiny_model(tiny_gguf, tmp_path):
+    model = tiny_gguf("llama", "f32")
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(
+        cli, ["demo", "--model", str(model), "--out-dir", str(out), "--limit", "1", "--examples", "1", "-q"],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    mask = NeuronMask.load(out / "refusal.mask.gguf")
+    assert len(mask) == max(1, round(0.001 * mask.n_layer * mask.n_ff))
+    report = json.loads((out / "eval.json").read_text())
+    assert sorted(r["multiplier"] for r in report["rows"]) == sorted({0.0, 1.0, mask.multiplier})
+    assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG"
+    assert "unsteered (m=1)" in result.output and "wall time" in result.output
+
+
+def test_demo_refuses_a_model_that_is_not_gguf(tiny_hf, tmp_path):
+    result = CliRunner().invoke(cli, ["demo", "--model", str(tiny_hf("llama")), "--out-dir", str(tmp_path)])
+    assert result.exit_code != 0 and "Error: " in result.output and "not a .gguf file" in result.output
