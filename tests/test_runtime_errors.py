@@ -80,11 +80,16 @@ def test_c_api_validates_on_its_own(llm, layers, neurons, scales, code):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), "strong", None])
-def test_bad_multiplier_is_refused(llm, bad):
-    with pytest.raises(SteeringError, match="multiplier"):
-        from cna_local.runtime.steering import check_multiplier
+def test_bad_multiplier_is_refused_and_the_mask_kept(llm, tmp_path, bad):
+    from cna_local.errors import CnaLocalError
 
-        check_multiplier(bad)
+    from test_runtime_llama import mask_for
+
+    llm.set_mask(mask_for(llm.model_path, tmp_path), multiplier=0.5)
+    with pytest.raises(CnaLocalError, match="multiplier must be a"):
+        llm.multiplier = bad
+    assert llm.multiplier == 0.5 and np.all(llm.steering.entries()[2] == 0.5)
+    llm.steering.clear()
 
 
 def test_multiplier_without_a_mask_is_refused(llm):

@@ -8,13 +8,14 @@ Changing only the multiplier rewrites those tensors in place (no model reload, n
 from __future__ import annotations
 
 import ctypes
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from ..errors import CnaLocalError
+from ..maskfile import check_multiplier
 from . import binding
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from ..maskfile import NeuronMask
 
 
-class SteeringError(ValueError):
+class SteeringError(CnaLocalError):
     """A mask or multiplier that cannot be applied to this model."""
 
 
@@ -79,16 +80,6 @@ def check_entries(shape: ModelShape, layers: np.ndarray, neurons: np.ndarray, sc
     if (counts > 1).any():
         k = int(uniq[counts > 1][0])
         raise SteeringError(f"layer {k >> 32}, neuron {k & 0xFFFFFFFF} appears more than once in the mask")
-
-
-def check_multiplier(multiplier: float) -> float:
-    try:
-        m = float(multiplier)
-    except (TypeError, ValueError):
-        raise SteeringError(f"the multiplier must be a number, got {multiplier!r}") from None
-    if not math.isfinite(m):
-        raise SteeringError(f"the multiplier must be a finite number, got {m} (0 ablates, 1 is no change, -1 inverts)")
-    return m
 
 
 class NeuronSteering:
