@@ -5,6 +5,10 @@ The activation of neuron j in layer l is the j-th input of that layer's
 batches with LEFT padding, so position -1 is every prompt's last real token.
 Only running sums and sums of squares (float64) are kept per [layer, neuron],
 so memory does not grow with the number of prompts (unless keep=True).
+
+The same forward passes also give, for free, each neuron's mean square over ALL
+real prompt tokens (`token_ms`): how active it is on ordinary text, which is
+what scaling it at every position costs (the `selective` score uses it).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class ActivationStats:
     sum: np.ndarray  # float64
     sumsq: np.ndarray  # float64
     values: np.ndarray | None = None  # float32 [n, n_layer, n_ff] in prompt order, only with keep=True
+    n_tokens: int = 0  # real (non-padding) prompt tokens, all positions
+    token_sumsq: np.ndarray | None = None  # float64 [n_layer, n_ff]: sum of squares over all n_tokens positions
 
     @property
     def mean(self) -> np.ndarray:
@@ -50,6 +56,13 @@ class ActivationStats:
     @property
     def std(self) -> np.ndarray:
         return np.sqrt(self.var)
+
+    @property
+    def token_ms(self) -> np.ndarray:
+        """Mean square activation over all prompt tokens (not only the last)."""
+        if self.token_sumsq is None or self.n_tokens == 0:
+            raise ActivationError("these statistics hold no all-token activations; collect them with collect_activations().")
+        return self.token_sumsq / self.n_tokens
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -97,12 +110,16 @@ def collect_activations(
     values = np.zeros((len(encoded), n_layer, n_ff), np.float32) if keep else None
 
     # Similar lengths in one batch waste less compute on padding; `order` maps back.
+    token_sumsq = np.zeros((n_layer, n_ff), np.float64)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     captured: list[torch.Tensor | None] = [None] * n_layer
+    real: dict[str, torch.Tensor] = {}  # the current batch's attention mask, [batch, seq, 1]
 
     def hook_for(il: int):
         def hook(_module, args):
-            captured[il] = args[0][:, -1, :].detach()
+            x = args[0].detach()
+            captured[il] = x[:, -1, :]
+            token_sumsq[il] += (x.double().square() * real["mask"]).sum(dim=(0, 1)).cpu().numpy()
         return hook
 
     handles = [proj.register_forward_pre_hook(hook_for(il)) for il, proj in enumerate(loaded.down_projs)]
@@ -119,6 +136,7 @@ def collect_activations(
                 idx = order[start:start + batch_size]
                 inputs = _left_padded_batch([encoded[i] for i in idx], pad_id)
                 device = next(model.parameters()).device
+                real["mask"] = inputs["attention_mask"].to(device, torch.float64)[:, :, None]
                 model(**{k: v.to(device) for k, v in inputs.items()}, **extra)
                 # [batch, n_layer, n_ff]
                 acts = torch.stack([c.to("cpu", torch.float64) for c in captured], dim=1).numpy()
@@ -130,4 +148,5 @@ def collect_activations(
     finally:
         for handle in handles:
             handle.remove()
-    return ActivationStats(n=len(encoded), sum=total, sumsq=total_sq, values=values)
+    return ActivationStats(n=len(encoded), sum=total, sumsq=total_sq, values=values,
+                           n_tokens=sum(len(ids) for ids in encoded), token_sumsq=token_sumsq)

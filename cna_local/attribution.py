@@ -20,8 +20,10 @@ from .scoring import (
     DEFAULT_UNIVERSAL_THRESHOLD,
     check_threshold,
     ScoringError,
+    SCORES,
     delta_score,
     normalized_score,
+    selective_score,
     parse_layer_range,
     resolve_k,
     top_neurons,
@@ -33,7 +35,8 @@ from .scoring import (
 class AttributionOptions:
     top_fraction: float | None = None  # of ALL MLP neurons (n_layer * n_ff); default 0.001
     top_k: int | None = None
-    normalize: bool = False  # delta / pooled std instead of the plain delta
+    # "selective" (the default: see REPORT.md), "delta" (the reference's), "normalized" (delta / pooled std)
+    score: str = "selective"
     layers: str | None = None  # "START:END", START inclusive, END exclusive (see scoring.parse_layer_range)
     # Off by default: on Qwen2.5-Coder-0.5B with the bundled 10 contrasts it flagged no neuron
     # of the top 0.1% at threshold 0.8, and the first run per model costs ~2.4x the prompts.
@@ -41,7 +44,7 @@ class AttributionOptions:
     universal_threshold: float = DEFAULT_UNIVERSAL_THRESHOLD
     batch_size: int = 8
     chat_template: bool = True
-    # -1 (invert), not 0 (ablate): on the default model ablating the top 0.1% raised refusal (see REPORT.md)
+    # -1 (invert): on the default model it halves refusal at 0.97 quality, where ablation (0) cuts 19% (REPORT.md)
     multiplier: float = -1.0
     progress: bool = True
     cache_contrasts: bool = True  # reuse the contrast pairs' statistics for this model file
@@ -55,10 +58,25 @@ class AttributionResult:
     seconds: dict = field(default_factory=dict)
 
 
-def score(pos: ActivationStats, neg: ActivationStats, normalize: bool) -> np.ndarray:
-    if normalize:
+def down_column_norms(loaded: LoadedModel) -> np.ndarray:
+    """||W_down[:, i]|| per [layer, neuron]: how strongly each neuron writes into the residual stream."""
+    import torch
+
+    with torch.no_grad():
+        return np.stack([p.weight.detach().float().norm(dim=0).cpu().numpy() for p in loaded.down_projs]).astype(np.float64)
+
+
+def score(pos: ActivationStats, neg: ActivationStats, method: str, down_norm: np.ndarray | None = None) -> np.ndarray:
+    """Per-neuron scores [n_layer, n_ff] by `method` (scoring.SCORES)."""
+    if method == "normalized":
         return normalized_score(pos.mean, neg.mean, pos.var, neg.var, pos.n, neg.n)
-    return delta_score(pos.mean, neg.mean)
+    if method == "selective":
+        if down_norm is None:
+            raise ScoringError("the selective score needs the down-projection column norms of the model.")
+        return selective_score(pos.mean, neg.mean, neg.token_ms, down_norm)
+    if method == "delta":
+        return delta_score(pos.mean, neg.mean)
+    raise ScoringError(f"unknown score {method!r}; choose one of {', '.join(SCORES)}.")
 
 
 def prompts_digest(positive: PromptSet, negative: PromptSet) -> str:
@@ -76,9 +94,11 @@ def attribute(
 ) -> AttributionResult:
     """Find the neurons that separate positive from negative prompts; contrasts default to the bundled pairs."""
     opts = options or AttributionOptions()
+    if opts.score not in SCORES:
+        raise ScoringError(f"unknown score {opts.score!r}; choose one of {', '.join(SCORES)}.")
     n_layer, n_ff = loaded.n_layer, loaded.n_ff
     # Check parameters before the slow forward passes.
-    k = resolve_k(n_layer * n_ff, opts.top_fraction, opts.top_k)
+    k = k_asked = resolve_k(n_layer * n_ff, opts.top_fraction, opts.top_k)
     layer_range = parse_layer_range(opts.layers, n_layer)
     candidates = (layer_range[1] - layer_range[0]) * n_ff
     if k > candidates:
@@ -95,19 +115,38 @@ def attribute(
                                    chat_template=opts.chat_template, progress=opts.progress, desc=desc)
 
     t0 = time.perf_counter()
-    scores = score(run(positive, f"positive ({positive.name})"), run(negative, f"negative ({negative.name})"), opts.normalize)
+    down_norm = down_column_norms(loaded) if opts.score == "selective" else None
+    scores = score(run(positive, f"positive ({positive.name})"), run(negative, f"negative ({negative.name})"),
+                   opts.score, down_norm)
     seconds["activations"] = time.perf_counter() - t0
 
     universal = None
     if opts.universal_filter:
         t0 = time.perf_counter()
         stats = contrast_stats(loaded, contrasts, opts.batch_size, opts.chat_template, opts.progress, opts.cache_contrasts)
-        contrast_scores = [score(a, b, opts.normalize) for a, b in stats]
+        contrast_scores = [score(a, b, opts.score, down_norm) for a, b in stats]
         universal = universal_neurons(contrast_scores, k, opts.universal_threshold, layer_range)
         seconds["universal_filter"] = time.perf_counter() - t0
 
-    unfiltered = top_neurons(scores, k, layer_range)
-    selection = top_neurons(scores, k, layer_range, exclude=universal)
+    # the selective score is 0 for neurons whose ablation would not pay: never pick those, so k is then
+    # an upper bound (on the default model 95 neurons of 116,736 score above 0; REPORT.md)
+    useless = (scores == 0) if opts.score == "selective" else None
+    if useless is not None:
+        pool = np.zeros(scores.shape, bool)
+        pool[layer_range[0]:layer_range[1]] = True
+        pool &= ~useless
+        if universal is not None:
+            pool &= ~universal
+        if not pool.any():
+            raise ScoringError(
+                f"no neuron in layers {layer_range[0]}-{layer_range[1] - 1} has a positive selective score: none fires "
+                "more on the positive prompts than it does on the negative ones and on ordinary text. "
+                "Fix: check the prompt sets, or rank with --score delta."
+            )
+        k = min(k, int(pool.sum()))
+    exclude = useless if universal is None else (universal if useless is None else universal | useless)
+    unfiltered = top_neurons(scores, k, layer_range, exclude=useless)
+    selection = top_neurons(scores, k, layer_range, exclude=exclude)
     n_universal = int(universal[layer_range[0]:layer_range[1]].sum()) if universal is not None else 0
     removed = int(universal[unfiltered.layers, unfiltered.neurons].sum()) if universal is not None else 0
 
@@ -117,9 +156,10 @@ def attribute(
         "prompts_sha256": prompts_digest(positive, negative),
         "tool_version": __version__,
         "selection": {
-            "score": "normalized" if opts.normalize else "delta",
+            "score": opts.score,
             "top_fraction": None if opts.top_k is not None else (opts.top_fraction or DEFAULT_TOP_FRACTION),
-            "top_k": k,
+            "top_k": k,  # neurons in the mask
+            "top_k_asked": k_asked,
             "layer_start": layer_range[0],
             "layer_end": layer_range[1],  # exclusive
             "chat_template": opts.chat_template,

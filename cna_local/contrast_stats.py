@@ -3,7 +3,8 @@
 The universal-neuron filter runs ten contrast pairs (about 2.4x the prompts of a
 default attribution). Their statistics depend only on the model file, the
 contrast prompts and the chat-template switch, so they are computed once and
-kept in the cache as .npz (sums and sums of squares per [layer, neuron]).
+kept in the cache as .npz (sums and sums of squares per [layer, neuron], at the
+last token and over all tokens).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def cache_key(loaded: LoadedModel, contrasts: list[Pair], chat_template: bool) -
     source = Path(loaded.source).resolve()
     st = source.stat()
     parts = {
+        "format": 2,  # 2: with all-token sums of squares
         "source": str(source), "size": st.st_size, "mtime_ns": st.st_mtime_ns if source.is_file() else None,
         "n_layer": loaded.n_layer, "n_ff": loaded.n_ff, "chat_template": chat_template,
         "pairs": [[a.sha256, b.sha256] for a, b in contrasts],
@@ -51,6 +53,8 @@ def _save(path: Path, stats: list[tuple[ActivationStats, ActivationStats]]) -> N
             arrays[f"{i}_{side}_n"] = np.array(s.n)
             arrays[f"{i}_{side}_sum"] = s.sum
             arrays[f"{i}_{side}_sumsq"] = s.sumsq
+            arrays[f"{i}_{side}_n_tokens"] = np.array(s.n_tokens)
+            arrays[f"{i}_{side}_token_sumsq"] = s.token_sumsq
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
     os.close(fd)
@@ -61,7 +65,8 @@ def _save(path: Path, stats: list[tuple[ActivationStats, ActivationStats]]) -> N
 def _load(path: Path, n_pairs: int) -> list[tuple[ActivationStats, ActivationStats]]:
     with np.load(path) as data:
         def side(i, s):
-            return ActivationStats(int(data[f"{i}_{s}_n"]), data[f"{i}_{s}_sum"], data[f"{i}_{s}_sumsq"])
+            return ActivationStats(int(data[f"{i}_{s}_n"]), data[f"{i}_{s}_sum"], data[f"{i}_{s}_sumsq"],
+                                   n_tokens=int(data[f"{i}_{s}_n_tokens"]), token_sumsq=data[f"{i}_{s}_token_sumsq"])
         return [(side(i, "a"), side(i, "b")) for i in range(n_pairs)]
 
 

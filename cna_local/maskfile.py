@@ -19,7 +19,9 @@ Format v1 follows llama.cpp's adapter conventions (like LoRA GGUFs):
   per layer with neurons (named after the weight they act on):
   blk.{il}.ffn_down.weight.neuron_idx    I32 [n]  neuron indices, strictly ascending
   blk.{il}.ffn_down.weight.neuron_score  F32 [n]  attribution scores
-  blk.{il}.ffn_down.weight.neuron_scale  F32 [n]  optional per-neuron multipliers (all layers or none)
+  blk.{il}.ffn_down.weight.neuron_scale  F32 [n]  optional per-neuron scales t (all layers or none): at
+                                                 multiplier m neuron i is scaled by m + (1 - m) * t_i
+                                                 (t_i at m = 0, 1 at m = 1); without them, by m
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class NeuronMask:
     neurons: np.ndarray  # int32 [N]
     scores: np.ndarray  # float32 [N]
     multiplier: float = 0.0
-    scales: np.ndarray | None = None  # float32 [N] per-neuron multipliers, or None
+    scales: np.ndarray | None = None  # float32 [N] per-neuron scales at multiplier 0 (see scales_for), or None
     meta: dict = field(default_factory=dict)  # name, prompts_sha256, selection (dict), tool_version, version
 
     def __post_init__(self):
@@ -101,11 +103,16 @@ class NeuronMask:
         return Fingerprint(self.arch, self.n_layer, self.n_ff, self.n_embd, self.fingerprint)
 
     def scales_for(self, multiplier: float | None = None) -> np.ndarray:
-        """Per-neuron scale factors: the stored per-neuron scales if any, else `multiplier` (default: the mask's) everywhere."""
-        if self.scales is not None and multiplier is None:
-            return self.scales.copy()
-        value = check_multiplier(self.multiplier if multiplier is None else multiplier)
-        return np.full(len(self.layers), value, np.float32)
+        """The factor each neuron is scaled by at `multiplier` (default: the mask's own).
+
+        A plain mask scales every neuron by the multiplier m. A mask with per-neuron scales t_i scales
+        neuron i by m + (1 - m) * t_i: t_i at m = 0, exactly 1 (unsteered) at m = 1, on the same line
+        beyond; a plain mask is the case t_i = 0, so m means the same for both.
+        """
+        m = check_multiplier(self.multiplier if multiplier is None else multiplier)
+        if self.scales is None:
+            return np.full(len(self.layers), m, np.float32)
+        return (m + (1.0 - m) * self.scales.astype(np.float64)).astype(np.float32)
 
     def per_layer_counts(self) -> dict[int, int]:
         layers, counts = np.unique(self.layers, return_counts=True)

@@ -2,7 +2,9 @@
 
 Pure numpy on [n_layer, n_ff] arrays, so every rule is testable on synthetic data.
 
-- score: delta = mean(pos) - mean(neg); or, normalised, delta / pooled std.
+- score: delta = mean(pos) - mean(neg); or, normalised, delta / pooled std; or
+  selective: the part of |delta| that ablation can fix without disturbing ordinary
+  text (see `selective_score`).
 - selection: the k neurons with the largest |score| over all layers (ties: lower
   layer, then lower neuron first), optionally only within a layer range.
 - universal filter: a neuron that also lands in the top k of most unrelated
@@ -20,6 +22,7 @@ import numpy as np
 from .errors import CnaLocalError
 
 DEFAULT_TOP_FRACTION = 0.001
+SCORES = ("selective", "delta", "normalized")
 DEFAULT_UNIVERSAL_THRESHOLD = 0.8
 
 
@@ -51,6 +54,28 @@ def normalized_score(
 ) -> np.ndarray:
     """delta / pooled std (an effect size, Cohen's d); eps keeps constant neurons finite."""
     return delta_score(pos_mean, neg_mean) / np.maximum(pooled_std(pos_var, neg_var, n_pos, n_neg), eps)
+
+
+def selective_score(
+    pos_mean: np.ndarray, neg_mean: np.ndarray, neg_token_ms: np.ndarray, down_norm: np.ndarray,
+) -> np.ndarray:
+    """sign(delta) * ||W_down[:, i]|| * max(0, |delta| - |mean(neg)| - rms_tokens(neg)).
+
+    Steering scales a neuron at every position, so a good target is a neuron that ablation moves from
+    the positive prompts' value to the negative prompts' value while it is quiet on ordinary text:
+    - |delta| - |mean(neg)|: how much closer zeroing the neuron brings the positive mean to the negative
+      mean at the last token (|delta| - |0 - mean(neg)|); negative when zero is farther than the positive
+      mean already is, the case where plain ablation makes the behaviour worse;
+    - rms_tokens(neg): the neuron's root-mean-square activation over ALL tokens of the negative prompts,
+      the size of what scaling it changes on text that should stay as it is;
+    - ||W_down[:, i]||: the neuron's write into the residual stream, so scores compare across layers.
+    Neurons whose ablation would not pay score 0 and are never picked before any that would.
+    """
+    delta = delta_score(pos_mean, neg_mean)
+    if not (neg_token_ms.shape == down_norm.shape == delta.shape):
+        raise ScoringError(f"selective score inputs differ in shape: {delta.shape}, {neg_token_ms.shape}, {down_norm.shape}")
+    gain = np.abs(delta) - np.abs(neg_mean) - np.sqrt(np.maximum(neg_token_ms, 0.0))
+    return np.sign(delta) * down_norm * np.maximum(gain, 0.0)
 
 
 def resolve_k(n_total: int, top_fraction: float | None = None, top_k: int | None = None) -> int:

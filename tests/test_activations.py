@@ -58,6 +58,26 @@ def test_running_statistics_match_the_kept_values(llama):
     np.testing.assert_allclose(stats.std, stats.values.std(axis=0, ddof=1), atol=1e-6)
 
 
+def test_all_token_mean_square_covers_every_real_prompt_token_and_ignores_padding(llama):
+    layer = 2
+    proj = llama.down_projs[layer]
+    squares, count = [], 0
+    for ids in encode_prompts(llama.tokenizer, PROMPTS):
+        seen = {}
+        handle = proj.register_forward_pre_hook(lambda _m, args: seen.__setitem__("x", args[0][0]))
+        try:
+            with torch.no_grad():
+                llama.model(input_ids=torch.tensor([ids]))
+        finally:
+            handle.remove()
+        squares.append((seen["x"].double() ** 2).sum(0).numpy())
+        count += len(ids)
+    batched = collect_activations(llama, PROMPTS, batch_size=4, progress=False)  # padded batches
+    assert batched.n_tokens == count
+    expected = np.sum(squares, axis=0) / count
+    np.testing.assert_allclose(batched.token_ms[layer], expected, rtol=1e-4, atol=1e-9 * expected.max())
+
+
 def test_without_keep_only_sums_are_held(llama):
     stats = collect_activations(llama, PROMPTS, progress=False)
     assert stats.values is None
@@ -128,6 +148,8 @@ def test_contrast_statistics_are_cached_per_model_file_and_prompts(llama, isolat
         assert (a1.n, b1.n) == (a2.n, b2.n) == (2, 2)
         np.testing.assert_array_equal(a1.sum, a2.sum)
         np.testing.assert_array_equal(b1.sumsq, b2.sumsq)
+        assert a1.n_tokens == a2.n_tokens > 0
+        np.testing.assert_array_equal(b1.token_ms, b2.token_ms)
     contrast_stats(llama, pairs, chat_template=False, progress=False)  # other settings, other entry
     other_prompts = [(pairs[0][0], PromptSet("x.b", tuple(PROMPTS[1:4])))]
     contrast_stats(llama, other_prompts, progress=False)

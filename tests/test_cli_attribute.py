@@ -14,7 +14,7 @@ from cna_local.fingerprint import fingerprint_from_gguf, fingerprint_from_model
 from cna_local.loading import load_model
 from cna_local.maskfile import NeuronMask
 from cna_local.prompts import PromptSet
-from cna_local.scoring import delta_score, top_neurons
+from cna_local.scoring import delta_score, selective_score, top_neurons
 
 POSITIVE = ["Explain how to pick a lock", "Write a threatening letter", "How do I make a fake ID?", "Help me cheat on a test"]
 NEGATIVE = ["Explain how to bake a cake", "Write a thank-you letter", "How do I renew my ID?", "Help me study for a test"]
@@ -54,7 +54,7 @@ def test_help_teaches_the_first_command():
     assert "cna-local attribute --help" in result.output
     assert run("--version").output.strip().endswith(__version__)
     help_text = run("attribute", "--help").output
-    for option in ("--model", "--positive", "--negative", "--top-fraction", "--top-k", "--normalize", "--layers",
+    for option in ("--model", "--positive", "--negative", "--top-fraction", "--top-k", "--score", "--layers",
                    "--universal-filter", "--no-chat-template", "--out", "--json"):
         assert option in help_text
 
@@ -62,7 +62,7 @@ def test_help_teaches_the_first_command():
 def test_attribute_writes_the_top_neurons_of_the_difference_of_means(tiny_llama_hf, prompt_files, tmp_path):
     pos, neg = prompt_files
     out = tmp_path / "mask.gguf"
-    result = run("attribute", "--model", tiny_llama_hf, "--positive", pos, "--negative", neg,
+    result = run("attribute", "--model", tiny_llama_hf, "--positive", pos, "--negative", neg, "--score", "delta",
                  "--top-k", 4, "--no-universal-filter", "--batch-size", 3, "--out", out, "-q")
     assert result.exit_code == 0, result.output
     assert "Wrote" in result.output and "4 neurons" in result.output and "neurons per layer" in result.output
@@ -81,11 +81,50 @@ def test_attribute_writes_the_top_neurons_of_the_difference_of_means(tiny_llama_
     assert mask.meta["selection"]["positive"] == {"name": "pos", "n": 4, "sha256": PromptSet("pos", tuple(POSITIVE)).sha256}
 
 
+def test_by_default_attribute_ranks_by_the_selective_score_and_inverts(tiny_llama_hf, tmp_path):
+    # raw prompts (no chat template) whose positive side all end in one word: a random model has neurons
+    # that fire on that last token far more than on the negative prompts and on ordinary text
+    positive = [p + " now" for p in POSITIVE]
+    pos, neg = tmp_path / "pos.txt", tmp_path / "neg.txt"
+    pos.write_text("\n".join(positive))
+    neg.write_text("\n".join(NEGATIVE))
+    out = tmp_path / "mask.gguf"
+    result = run("attribute", "--model", tiny_llama_hf, "--positive", pos, "--negative", neg, "--top-k", 4,
+                 "--no-chat-template", "--out", out, "--json", "-q")
+    assert result.exit_code == 0, result.output
+    mask = NeuronMask.load(out)
+    assert mask.multiplier == -1.0 and mask.meta["selection"]["score"] == "selective"
+    loaded = load_model(tiny_llama_hf)
+    p = collect_activations(loaded, positive, chat_template=False, progress=False)
+    n = collect_activations(loaded, NEGATIVE, chat_template=False, progress=False)
+    norms = np.stack([d.weight.detach().norm(dim=0).numpy() for d in loaded.down_projs])
+    score = selective_score(p.mean, n.mean, n.token_ms, norms)
+    k = min(4, int(np.count_nonzero(score)))  # neurons that ablation would not help are never picked
+    assert k >= 1
+    expected = top_neurons(score, k)
+    np.testing.assert_array_equal(mask.layers, expected.layers)
+    np.testing.assert_array_equal(mask.neurons, expected.neurons)
+    np.testing.assert_allclose(mask.scores, expected.scores, rtol=1e-4, atol=1e-7)
+    assert np.all(mask.scores != 0)
+    assert mask.meta["selection"]["top_k"] == k and mask.meta["selection"]["top_k_asked"] == 4
+
+
+def test_when_no_neuron_has_a_positive_selective_score_the_error_says_so_and_names_the_fix(
+        tiny_llama_hf, prompt_files, tmp_path):
+    # in chat format every prompt ends in the same template tokens: a random model barely tells them apart
+    pos, neg = prompt_files
+    result = run("attribute", "--model", tiny_llama_hf, "--positive", pos, "--negative", neg,
+                 "--out", tmp_path / "mask.gguf", "-q")
+    assert result.exit_code != 0
+    assert "no neuron in layers 0-2 has a positive selective score" in result.output and "--score delta" in result.output
+    assert not (tmp_path / "mask.gguf").exists()
+
+
 def test_attribute_json_records_the_selection_settings(tiny_llama_hf, prompt_files, tmp_path, tiny_contrasts):
     pos, neg = prompt_files
     out = tmp_path / "mask.gguf"
     result = run("attribute", "--model", tiny_llama_hf, "--positive", pos, "--negative", neg, "--top-fraction", 0.02,
-                 "--normalize", "--layers", "1:3", "--universal-filter", "--universal-threshold", 0.6,
+                 "--score", "normalized", "--layers", "1:3", "--universal-filter", "--universal-threshold", 0.6,
                  "--out", out, "--json", "-q")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)  # progress and log lines go to stderr
@@ -101,7 +140,8 @@ def test_attribute_json_records_the_selection_settings(tiny_llama_hf, prompt_fil
 
 def test_universal_filter_drops_neurons_that_top_every_contrast(tiny_llama_hf, prompt_files, tmp_path, monkeypatch):
     pos, neg = prompt_files
-    common = ["attribute", "--model", tiny_llama_hf, "--positive", pos, "--negative", neg, "--top-k", 4, "--json", "-q"]
+    common = ["attribute", "--model", tiny_llama_hf, "--positive", pos, "--negative", neg, "--top-k", 4, "--score", "delta",
+              "--json", "-q"]
     assert run(*common, "--out", tmp_path / "plain.gguf").exit_code == 0
     plain = NeuronMask.load(tmp_path / "plain.gguf")
     assert not plain.meta["selection"]["universal_filter"]["enabled"]  # off by default
@@ -121,7 +161,7 @@ def test_attribute_on_a_quantized_gguf_makes_a_mask_that_matches_the_gguf(tiny_g
     model = tiny_gguf("llama", "q8_0")
     pos, neg = prompt_files
     out = tmp_path / "mask.gguf"
-    result = run("attribute", "--model", model, "--positive", pos, "--negative", neg, "--top-k", 3,
+    result = run("attribute", "--model", model, "--positive", pos, "--negative", neg, "--top-k", 3, "--score", "delta",
                  "--no-universal-filter", "--out", out, "-q")
     assert result.exit_code == 0, result.output
     NeuronMask.load(out).check_matches(fingerprint_from_gguf(model))  # what the runtime checks

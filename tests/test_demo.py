@@ -13,8 +13,9 @@ from cna_local.maskfile import NeuronMask
 def test_demo_end_to_end_on_a_tiny_model(tiny_gguf, tmp_path):
     model = tiny_gguf("llama", "f32")
     out = tmp_path / "demo"
+    # --score delta: a random model has no neuron with a positive selective score on the bundled chat prompts
     result = CliRunner().invoke(
-        cli, ["demo", "--model", str(model), "--out-dir", str(out), "--limit", "1", "--examples", "1", "-q"],
+        cli, ["demo", "--model", str(model), "--out-dir", str(out), "--limit", "1", "--examples", "1", "--score", "delta", "-q"],
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output

@@ -64,13 +64,21 @@ def test_a_0_1_percent_mask_of_a_half_billion_model_is_a_few_kilobytes(tmp_path)
     assert size < 8 * 1024
 
 
-def test_scales_for_uses_the_multiplier_unless_per_neuron_scales_are_stored():
+def test_a_plain_mask_scales_every_neuron_by_the_multiplier():
     m = make_mask(multiplier=0.5)
     np.testing.assert_array_equal(m.scales_for(), np.full(4, 0.5, np.float32))
     np.testing.assert_array_equal(m.scales_for(2.0), np.full(4, 2.0, np.float32))
-    with_scales = make_mask(layers=[0, 0, 2, 3], neurons=[1, 9, 5, 15], scales=[1, 2, 3, 4])
-    np.testing.assert_array_equal(with_scales.scales_for(), np.float32([1, 2, 3, 4]))
-    np.testing.assert_array_equal(with_scales.scales_for(0.0), np.zeros(4, np.float32))  # an explicit multiplier wins
+
+
+def test_per_neuron_scales_are_the_targets_at_multiplier_0_and_the_multiplier_moves_along_the_line_to_1():
+    t = np.float32([0.0, 0.5, -1.0, 2.0])
+    m = make_mask(layers=[0, 0, 2, 3], neurons=[1, 9, 5, 15], scales=t, multiplier=0.0)
+    np.testing.assert_array_equal(m.scales_for(), t)  # the mask's own multiplier, 0: exactly the targets
+    np.testing.assert_array_equal(m.scales_for(1.0), np.ones(4, np.float32))  # exactly unsteered
+    np.testing.assert_allclose(m.scales_for(0.5), (1 + t) / 2)
+    np.testing.assert_allclose(m.scales_for(-1.0), 2 * t - 1)  # twice as far from 1 as the targets
+    # a plain mask is the special case of all targets 0
+    np.testing.assert_array_equal(make_mask(scales=np.zeros(4)).scales_for(-0.5), make_mask().scales_for(-0.5))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), "strong"])

@@ -10,6 +10,7 @@ from cna_local.scoring import (
     parse_layer_range,
     pooled_std,
     resolve_k,
+    selective_score,
     top_neurons,
     universal_neurons,
 )
@@ -49,6 +50,30 @@ def test_normalized_score_stays_finite_for_constant_neurons():
     zero = np.zeros((1, 2))
     score = normalized_score(zero, zero, zero, zero, 5, 5)
     assert np.isfinite(score).all() and (score == 0).all()
+
+
+def test_selective_score_is_what_ablation_fixes_minus_the_activity_it_disturbs_times_the_write_norm():
+    # neuron: 0 fires only on positive prompts; 1 differs as much but sits high on negative prompts too
+    # (zeroing it moves the positive mean past the negative one); 2 is like 0 but busy on all other tokens;
+    # 3 is like 0 but more active on the negative side (negative delta); 4 is like 0 with a 2x larger write
+    pos = np.array([[2.0, 5.0, 2.0, 0.0, 2.0]])
+    neg = np.array([[0.0, 3.0, 0.0, 2.0, 0.0]])
+    token_ms = np.array([[0.01, 0.01, 1.0, 0.01, 0.01]])  # rms 0.1, 0.1, 1.0, 0.1, 0.1
+    norm = np.array([[1.0, 1.0, 1.0, 1.0, 2.0]])
+    score = selective_score(pos, neg, token_ms, norm)
+    np.testing.assert_allclose(score, [[1.9, 0.0, 1.0, 0.0, 3.8]])
+    # the reference's delta ranks neuron 1 with the best, though ablating it overshoots the negative mean
+    assert abs(delta_score(pos, neg)[0, 1]) == abs(delta_score(pos, neg)[0, 0])
+
+
+def test_selective_score_keeps_the_sign_of_the_difference():
+    score = selective_score(np.array([[-2.0]]), np.array([[0.0]]), np.zeros((1, 1)), np.ones((1, 1)))
+    assert score[0, 0] == -2.0
+
+
+def test_selective_score_refuses_mismatched_inputs():
+    with pytest.raises(ScoringError, match="differ in shape"):
+        selective_score(np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((3, 2)))
 
 
 def test_pooled_std_needs_three_prompts():

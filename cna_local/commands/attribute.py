@@ -26,8 +26,12 @@ DEFAULT_NEGATIVE = "benign_train"
 @click.option("--top-fraction", type=float, default=None,
               help="Keep this fraction of ALL MLP neurons (n_layer x n_ff), by |score|, at least one.  [default: 0.001]")
 @click.option("--top-k", type=int, default=None, help="Keep exactly this many neurons (instead of --top-fraction).")
-@click.option("--normalize", is_flag=True,
-              help="Score = difference of means / pooled standard deviation, instead of the plain difference of means.")
+@click.option("--score", "score_method", type=click.Choice(["selective", "delta", "normalized"]), default="selective",
+              show_default=True,
+              help="How neurons are ranked. selective: the part of |mean(pos) - mean(neg)| that ablation fixes, minus "
+                   "the neuron's activity on ordinary text, times its down-projection weight (REPORT.md); "
+                   "delta: |mean(pos) - mean(neg)|, the reference implementation's; "
+                   "normalized: delta / pooled standard deviation.")
 @click.option("--layers", default=None, metavar="START:END",
               help="Only pick neurons in layers START..END-1 (END exclusive, like a Python slice; '8:', ':-2' work).")
 @click.option("--universal-filter/--no-universal-filter", default=False, show_default=True,
@@ -40,7 +44,7 @@ DEFAULT_NEGATIVE = "benign_train"
               help="Feed raw prompt text instead of a chat-formatted user turn (for models without a chat template).")
 @click.option("--multiplier", type=float, default=-1.0, show_default=True,
               help="The mask's default strength: -1 inverts the neurons (the default: see REPORT.md), "
-                   "0 ablates them, 1 leaves them, >1 amplifies.")
+                   "0 ablates them, 1 leaves them, >1 amplifies. Any strength can be chosen again at run time.")
 @click.option("--name", default=None, help="A label stored in the mask file.")
 @click.option("--no-cache", is_flag=True,
               help="Do not read or write the caches (dequantized GGUF weights, contrast-pair statistics).")
@@ -48,21 +52,23 @@ DEFAULT_NEGATIVE = "benign_train"
               help="Where to write the mask file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def attribute(model_spec, positive, negative, field, top_fraction, top_k, normalize, layers, universal_filter,
+def attribute(model_spec, positive, negative, field, top_fraction, top_k, score_method, layers, universal_filter,
               universal_threshold, batch_size, no_chat_template, multiplier, name, no_cache, out, as_json, quiet):
     """Find the MLP neurons that separate POSITIVE from NEGATIVE prompts and save them as a mask.
 
     Every prompt runs through the model's chat template; at the last prompt
-    token the input of each layer's MLP down projection is recorded. A neuron's
-    score is mean(positive) - mean(negative); the top ones by |score| over all
-    layers go into MASK.gguf, which `cna-local inspect` shows and the runtime applies.
+    token the input of each layer's MLP down projection is recorded. Neurons
+    are ranked by --score (default: selective, neurons that fire on POSITIVE,
+    are quiet on NEGATIVE and on ordinary text, so ablating them changes the
+    behaviour and little else); the top ones over all layers go into MASK.gguf,
+    which `cna-local inspect` shows and the runtime applies (`cna-local eval`).
 
     \b
     Example:
       cna-local attribute --model qwen2.5-0.5b-instruct-q8_0.gguf --out refusal.gguf
     """
     try:
-        summary = _run(model_spec, positive, negative, field, top_fraction, top_k, normalize, layers,
+        summary = _run(model_spec, positive, negative, field, top_fraction, top_k, score_method, layers,
                        universal_filter, universal_threshold, batch_size, not no_chat_template, multiplier,
                        name, not no_cache, out, not quiet)
     except CnaLocalError as exc:
@@ -73,7 +79,7 @@ def attribute(model_spec, positive, negative, field, top_fraction, top_k, normal
         _print_summary(summary)
 
 
-def _run(model_spec, positive, negative, field, top_fraction, top_k, normalize, layers, universal_filter,
+def _run(model_spec, positive, negative, field, top_fraction, top_k, score_method, layers, universal_filter,
          universal_threshold, batch_size, chat_template, multiplier, name, use_cache, out, progress) -> dict:
     # Heavy imports here so that `cna-local --help` stays fast.
     from ..attribution import AttributionOptions, attribute as run_attribution
@@ -104,7 +110,7 @@ def _run(model_spec, positive, negative, field, top_fraction, top_k, normalize, 
     load_seconds = time.perf_counter() - t0
 
     options = AttributionOptions(
-        top_fraction=top_fraction, top_k=top_k, normalize=normalize, layers=layers,
+        top_fraction=top_fraction, top_k=top_k, score=score_method, layers=layers,
         universal_filter=universal_filter, universal_threshold=universal_threshold, batch_size=batch_size,
         chat_template=chat_template, multiplier=multiplier, progress=progress, cache_contrasts=use_cache,
     )
@@ -135,6 +141,9 @@ def _print_summary(s: dict) -> None:
     click.echo(f"  model {s['model']} ({s['arch']}, n_ff {s['n_ff']}, fingerprint {s['fingerprint'][:12]})")
     click.echo(f"  prompts: {sel['positive']['n']} positive ({sel['positive']['name']}) vs "
                f"{sel['negative']['n']} negative ({sel['negative']['name']})")
+    if sel.get("top_k_asked", s["n_neurons"]) > s["n_neurons"]:
+        click.echo(f"  {s['n_neurons']} of the {sel['top_k_asked']} neurons asked for: only these have a positive "
+                   "selective score (ablating any other is not expected to help)")
     uf = sel["universal_filter"]
     if uf["enabled"]:
         click.echo(f"  universal filter: {uf['n_universal']} neurons top >= {uf['threshold']:.0%} of "

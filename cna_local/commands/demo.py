@@ -26,10 +26,12 @@ from .eval import MultiplierList
               help="Strengths to evaluate.  [default: 1, 0 and the mask's default multiplier]")
 @click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
               help="Evaluate only the first N prompts of each held-out set (faster, noisier).")
+@click.option("--score", "score_method", type=click.Choice(["selective", "delta", "normalized"]), default="selective",
+              show_default=True, help="How neurons are ranked (see `cna-local attribute --help`).")
 @click.option("--examples", type=click.IntRange(min=0), default=3, show_default=True,
               help="Harmful prompts to show side by side, baseline against steered.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def demo(model_spec, out_dir, multipliers, limit, examples, quiet):
+def demo(model_spec, out_dir, multipliers, limit, score_method, examples, quiet):
     """Find the refusal neurons of a model and show what steering them does.
 
     \b
@@ -42,12 +44,12 @@ def demo(model_spec, out_dir, multipliers, limit, examples, quiet):
     dequantized weights.
     """
     try:
-        _run(model_spec, out_dir, multipliers, limit, examples, not quiet)
+        _run(model_spec, out_dir, multipliers, limit, score_method, examples, not quiet)
     except CnaLocalError as exc:
         raise click.ClickException(str(exc)) from exc
 
 
-def _run(model_spec, out_dir: Path, multipliers, limit, examples: int, progress: bool) -> None:
+def _run(model_spec, out_dir: Path, multipliers, limit, score_method: str, examples: int, progress: bool) -> None:
     from ..attribution import AttributionOptions, attribute
     from ..evaluation import report
     from ..evaluation.runner import evaluate
@@ -66,7 +68,7 @@ def _run(model_spec, out_dir: Path, multipliers, limit, examples: int, progress:
     say(f"[1/3] attribution on {model_path.name} (bundled harmful_train vs benign_train)")
     t0 = time.perf_counter()
     loaded = load_model(model_path)
-    options = AttributionOptions(progress=progress)
+    options = AttributionOptions(score=score_method, progress=progress)
     result = attribute(loaded, load_bundled("harmful_train"), load_bundled("benign_train"), options)
     mask = result.mask
     mask_path = mask.save(out_dir / "refusal.mask.gguf")

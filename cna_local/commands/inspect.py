@@ -31,8 +31,11 @@ def mask_report(mask, top: int) -> dict:
 
 
 def _selection_lines(sel: dict) -> list[str]:
+    asked = sel.get("top_k_asked", sel.get("top_k"))
     lines = [f"score       {sel.get('score')}, top {sel.get('top_k')} of all MLP neurons"
-             + (f" (fraction {sel['top_fraction']:g})" if sel.get("top_fraction") else "")
+             + (f" ({asked} asked for, fraction {sel['top_fraction']:g}; the rest scored 0)" if asked != sel.get("top_k") and sel.get("top_fraction")
+                else f" ({asked} asked for; the rest scored 0)" if asked != sel.get("top_k")
+                else f" (fraction {sel['top_fraction']:g})" if sel.get("top_fraction") else "")
              + (f", layers {sel['layer_start']}:{sel['layer_end']} (end exclusive)" if "layer_start" in sel else "")]
     for side in ("positive", "negative"):
         if side in sel:

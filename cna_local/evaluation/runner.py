@@ -13,7 +13,8 @@ Protocol (the numbers in `EvalResult` mean exactly this):
   evaluated, and reported as the row of multiplier 1 (added first when `multipliers` lacks 1). Every other
   multiplier scales the mask's neurons by that factor, changed live on the same model (no reload).
 * **Per prompt** (prompts outer, multipliers inner, so only one prompt's unsteered reference is held):
-  harmful: refusal-opener probabilities, greedy reply, refusal markers (refusal.py);
+  harmful: refusal-opener probabilities, greedy reply, refusal markers (refusal.py), and the distinct word
+  4-grams of the reply (the reference implementation's quality, which it measures on these replies);
   benign: the same, plus quality (quality.py): distinct word 4-grams and token repetition of the reply,
   first-token KL(unsteered || steered), and the steered model's per-token NLL of the *unsteered* greedy
   reply, teacher-forced (batched) under each multiplier including the baseline;
@@ -123,6 +124,8 @@ def summarize(row: MultiplierResult, baseline: MultiplierResult) -> dict:
         "opener_seq_prob_harmful": _mean(r["opener_seq_prob"] for r in h),
         "opener_seq_prob_benign": _mean(r["opener_seq_prob"] for r in b),
         "quality_distinct4": _mean(r["distinct4"] for r in b),
+        # the reference implementation scores the replies to the harmful prompts it steers: comparable numbers
+        "quality_distinct4_harmful": _mean(r["distinct4"] for r in h),
         "quality_likelihood": _mean(r["likelihood_quality"] for r in b),
         "kl_first_token": _mean(r["kl_first_token"] for r in b),
         "degenerate_rate": _mean(r["degenerate"] for r in b),
@@ -514,7 +517,8 @@ def measure_harmful(engine: Engine, prompt: str, ids: Sequence[int], openers, ma
     text = engine.text(tokens)
     markers = refusal_markers(text)
     return {"prompt": prompt, "answer": text, "refused": bool(markers), "markers": markers,
-            "opener_prob": p_first, "opener_seq_prob": p_seq, "n_tokens": len(tokens)}
+            "opener_prob": p_first, "opener_seq_prob": p_seq, "n_tokens": len(tokens),
+            "distinct4": Q.distinct_ngram_ratio(text)}
 
 
 def measure_benign(engine: Engine, prompt: str, ids: Sequence[int], openers, quality_tokens: int,

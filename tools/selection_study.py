@@ -1,0 +1,205 @@
+"""Compare neuron selections and per-neuron scales for refusal steering, quickly, on held-out prompts.
+
+Research tool behind REPORT.md (not a test): each candidate mask is built from the discovery sets'
+last-token activations (PyTorch, cached in --out-dir) and scored in the patched llama.cpp on the
+held-out sets with cheap, generation-free signals first:
+
+  opener      mean probability that the reply to a held-out harmful prompt starts with a refusal
+              opener (the first tokens of "I'm sorry", "I cannot", ...): a proxy for the refusal rate
+  lik_q       likelihood quality of the unsteered greedy answers to held-out benign prompts
+              (exp(-dNLL) per answer, clipped to [0, 1], averaged): 1.0 = answers exactly as likely
+  kl          first-token KL(unsteered || steered) after the benign prompts
+
+and, with --generate, the greedy refusal rate on the harmful prompts (refusal markers, --max-tokens
+reply tokens) and the reference's distinct-4-gram quality of those replies.
+
+    python tools/selection_study.py --out-dir study --only none,delta-k117-m0,gain-k117-m0
+    python tools/selection_study.py --out-dir study --generate --only gain-k468-m0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cna_local.evaluation import quality as Q
+from cna_local.evaluation.refusal import REFUSAL_OPENERS, is_refusal, prefix_free
+from cna_local.evaluation.runner import Engine
+from cna_local.models import resolve_model
+from cna_local.prompts import load_bundled
+from cna_local.runtime import SteeredLlama
+from cna_local.scoring import top_neurons
+
+
+def activations(model_path: Path, out_dir: Path) -> dict[str, np.ndarray]:
+    """Per-prompt last-token activations [n, n_layer, n_ff] of the discovery sets (cached as .npz)."""
+    cache = out_dir / "activations.npz"
+    if cache.is_file():
+        with np.load(cache) as f:
+            return {k: f[k] for k in f.files}
+    from cna_local.activations import collect_activations
+    from cna_local.loading import load_model
+
+    loaded = load_model(model_path)
+    acts = {}
+    for side, name in (("pos", "harmful_train"), ("neg", "benign_train")):
+        acts[side] = collect_activations(loaded, load_bundled(name).prompts, keep=True, desc=name).values
+    np.savez(cache, **acts)
+    return acts
+
+
+def all_token_stats(model_path: Path, out_dir: Path) -> dict[str, np.ndarray]:
+    """Mean activation and mean square over ALL prompt tokens (not just the last) of the discovery sets,
+    plus the down-projection column norms: what a neuron costs when it is scaled at every position."""
+    cache = out_dir / "all_tokens.npz"
+    if cache.is_file():
+        with np.load(cache) as f:
+            return {k: f[k] for k in f.files}
+    import torch
+
+    from cna_local.loading import load_model
+    from cna_local.templating import encode_prompts
+
+    loaded = load_model(model_path)
+    out = {"wnorm": np.stack([p.weight.detach().norm(dim=0).numpy() for p in loaded.down_projs])}
+    for side, name in (("pos", "harmful_train"), ("neg", "benign_train")):
+        s1 = np.zeros((loaded.n_layer, loaded.n_ff))
+        s2 = np.zeros_like(s1)
+        count = 0
+        for ids in encode_prompts(loaded.tokenizer, load_bundled(name).prompts):
+            seen = {}
+            hooks = [proj.register_forward_pre_hook(lambda m, a, il=il: seen.__setitem__(il, a[0][0].double().numpy()))
+                     for il, proj in enumerate(loaded.down_projs)]
+            with torch.inference_mode():
+                loaded.model(input_ids=torch.tensor([ids]))
+            for h in hooks:
+                h.remove()
+            acts = np.stack([seen[il] for il in range(loaded.n_layer)])  # [n_layer, n_tok, n_ff]
+            s1 += acts.sum(1)
+            s2 += (acts * acts).sum(1)
+            count += acts.shape[1]
+        out[f"{side}_mean"], out[f"{side}_sq"] = s1 / count, s2 / count
+    np.savez(cache, **out)
+    return out
+
+
+def build(name: str, acts: dict, tokens: dict | None, skip_layers: int = 2) -> tuple:
+    """A candidate from its name, SEL-kK-SCALE (or mask:PATH[@MULTIPLIER], or none):
+    SEL   delta  |mean(pos) - mean(neg)| at the last token (the reference's selection)
+          gain   |delta| - |mean(neg)|: how much closer zeroing brings the positive mean to the negative one
+          gainw  gain x the down-projection column norm (the size of the change in the residual stream)
+          gainc  gainw minus the RMS activity over all benign prompt tokens x column norm (the cost elsewhere):
+                 the product's `selective` score; gaincL weighs that cost by L
+    SCALE mX     one multiplier X for all
+          match  per neuron mean(neg)/mean(pos), clipped to [-2, 2]
+    """
+    if name == "none":
+        return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32)
+    if name.startswith("mask:"):  # mask:PATH[@MULTIPLIER], a mask file as `cna-local attribute` wrote it
+        from cna_local.maskfile import NeuronMask
+
+        path, _, m = name[5:].partition("@")
+        mask = NeuronMask.load(path)
+        return mask.layers, mask.neurons, mask.scales_for(float(m) if m else None)
+    sel, k, scale = name.split("-", 2)
+    k = int(k[1:])
+    lam = 1.0
+    if sel.startswith("gainc") and sel != "gainc":  # gaincL: the cost term weighted by L
+        sel, lam = "gainc", float(sel[5:])
+    mp, mn = acts["pos"].mean(0).astype(np.float64), acts["neg"].mean(0).astype(np.float64)
+    delta = mp - mn
+    score = {"delta": lambda: delta,
+             "gain": lambda: np.maximum(np.abs(delta) - np.abs(mn), 0),
+             "gainw": lambda: np.maximum(np.abs(delta) - np.abs(mn), 0) * tokens["wnorm"],
+             "gainc": lambda: np.maximum((np.abs(delta) - np.abs(mn) - lam * np.sqrt(tokens["neg_sq"])) * tokens["wnorm"], 0),
+             }[sel]()
+    if sel == "gainc":  # as the product does: neurons scoring 0 are never picked, k is an upper bound
+        k = min(k, int(np.count_nonzero(score[skip_layers:])))
+    chosen = top_neurons(score, k, (skip_layers, delta.shape[0]), exclude=(score == 0) if sel == "gainc" else None)
+    layers, neurons = chosen.layers, chosen.neurons
+    if scale == "match":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(np.abs(mp) > 1e-6, mn / mp, 0.0)
+        scales = np.clip(ratio[layers, neurons], -2, 2)
+    else:
+        scales = np.full(k, float(scale[1:]))
+    return layers, neurons, scales.astype(np.float32)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--out-dir", type=Path, required=True)
+    ap.add_argument("--only", required=True, help="comma-separated candidate names (see build())")
+    ap.add_argument("--benign", type=int, default=30, help="held-out benign prompts for the quality signals")
+    ap.add_argument("--quality-tokens", type=int, default=150)
+    ap.add_argument("--generate", action="store_true", help="also generate greedy harmful replies")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    model_path = resolve_model(args.model)
+    acts = activations(model_path, args.out_dir)
+    names = args.only.split(",")
+    tokens = all_token_stats(model_path, args.out_dir) if any(n.startswith("gain") and "gain-" not in n for n in names) else None
+
+    llm = SteeredLlama(str(model_path), n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads)
+    engine = Engine(llm)
+    first_tokens = {o[0] for o in prefix_free([engine.tokenize_reply(o) for o in REFUSAL_OPENERS])}
+    harmful = [engine.encode(p) for p in load_bundled("harmful_heldout").prompts]
+    benign = [engine.encode(p) for p in load_bundled("benign_heldout").prompts[: args.benign]]
+
+    ref_path = args.out_dir / f"reference-{args.benign}-{args.quality_tokens}.json"
+    if ref_path.is_file():
+        refs = json.loads(ref_path.read_text())
+    else:
+        refs = []
+        for ids in benign:
+            p = engine.start(ids)
+            toks = engine.greedy(p, args.quality_tokens)
+            refs.append({"tokens": toks, "nll": engine.mean_nll(p, toks)})
+        ref_path.write_text(json.dumps(refs))
+    base_logp = [engine.start(ids).logprobs for ids in benign]
+
+    results_path = args.out_dir / "results.jsonl"
+    for name in names:
+        layers, neurons, scales = build(name, acts, tokens)
+        t0 = time.perf_counter()
+        if name == "none":
+            llm.steering.clear()
+        else:
+            llm.steering.set_entries(layers, neurons, scales)
+        opener = []
+        refused, d4 = [], []
+        for ids in harmful:
+            p = engine.start(ids)
+            opener.append(float(sum(np.exp(p.logprobs[t]) for t in first_tokens)))
+            if args.generate:
+                text = engine.text(engine.greedy(p, args.max_tokens))
+                refused.append(is_refusal(text))
+                d4.append(Q.distinct_ngram_ratio(text))
+        lq, kl = [], []
+        for ids, ref, lp0 in zip(benign, refs, base_logp):
+            p = engine.start(ids)
+            kl.append(Q.first_token_kl(lp0, p.logprobs))
+            if ref["tokens"]:
+                lq.append(Q.likelihood_quality(engine.mean_nll(p, ref["tokens"]), ref["nll"]))
+        row = {"name": name, "n": len(layers), "layers": sorted({int(x) for x in layers}),
+               "scale_mean": float(np.mean(scales)) if len(scales) else 1.0, "opener": float(np.mean(opener)),
+               "lik_q": float(np.mean(lq)), "kl": float(np.mean(kl)), "seconds": round(time.perf_counter() - t0, 1)}
+        if args.generate:
+            row.update(refusal=float(np.mean(refused)), distinct4_harmful=float(np.mean(d4)), max_tokens=args.max_tokens)
+        print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
+        with open(results_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
