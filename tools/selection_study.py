@@ -88,13 +88,44 @@ def all_token_stats(model_path: Path, out_dir: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def tail_means(model_path: Path, out_dir: Path, n_tail: int = 5) -> dict[str, np.ndarray]:
+    """Mean activation over prompts at each of the last n_tail positions ([n_tail, n_layer, n_ff], index 0 =
+    the last token): where in the generation prompt the behaviour is readable."""
+    cache = out_dir / f"tail{n_tail}.npz"
+    if cache.is_file():
+        with np.load(cache) as f:
+            return {k: f[k] for k in f.files}
+    import torch
+
+    from cna_local.loading import load_model
+    from cna_local.templating import encode_prompts
+
+    loaded = load_model(model_path)
+    out = {}
+    for side, name in (("pos", "harmful_train"), ("neg", "benign_train")):
+        total, encoded = 0.0, encode_prompts(loaded.tokenizer, load_bundled(name).prompts)
+        for ids in encoded:
+            seen = {}
+            hooks = [proj.register_forward_pre_hook(lambda m, a, il=il: seen.__setitem__(il, a[0][0, -n_tail:].double().numpy()))
+                     for il, proj in enumerate(loaded.down_projs)]
+            with torch.inference_mode():
+                loaded.model(input_ids=torch.tensor([ids]))
+            for h in hooks:
+                h.remove()
+            total = total + np.stack([seen[il][::-1] for il in range(loaded.n_layer)], axis=1)  # [n_tail, n_layer, n_ff]
+        out[side] = total / len(encoded)
+    np.savez(cache, **out)
+    return out
+
+
 def build(name: str, acts: dict, tokens: dict | None, skip_layers: int = 2) -> tuple:
     """A candidate from its name, SEL-kK-SCALE (or mask:PATH[@MULTIPLIER], or none):
     SEL   delta  |mean(pos) - mean(neg)| at the last token (the reference's selection)
           gain   |delta| - |mean(neg)|: how much closer zeroing brings the positive mean to the negative one
           gainw  gain x the down-projection column norm (the size of the change in the residual stream)
           gainc  gainw minus the RMS activity over all benign prompt tokens x column norm (the cost elsewhere):
-                 the product's `selective` score; gaincL weighs that cost by L
+                 the product's `selective` score; gaincL weighs that cost by L; gainctailN uses means
+                 over the last N prompt tokens, gaincposJ the J-th token from the end, instead of the last
     SCALE mX     one multiplier X for all
           match  per neuron mean(neg)/mean(pos), clipped to [-2, 2]
     """
@@ -109,9 +140,17 @@ def build(name: str, acts: dict, tokens: dict | None, skip_layers: int = 2) -> t
     sel, k, scale = name.split("-", 2)
     k = int(k[1:])
     lam = 1.0
-    if sel.startswith("gainc") and sel != "gainc":  # gaincL: the cost term weighted by L
-        sel, lam = "gainc", float(sel[5:])
     mp, mn = acts["pos"].mean(0).astype(np.float64), acts["neg"].mean(0).astype(np.float64)
+    if sel.startswith("gainctail"):  # gainctailN: means over the last N prompt tokens instead of the last one
+        n_tail = int(sel[9:])
+        mp, mn = acts["tail"]["pos"][:n_tail].mean(0), acts["tail"]["neg"][:n_tail].mean(0)
+        sel = "gainc"
+    elif sel.startswith("gaincpos"):  # gaincposJ: the J-th token from the end only (1 = the last)
+        j = int(sel[8:]) - 1
+        mp, mn = acts["tail"]["pos"][j], acts["tail"]["neg"][j]
+        sel = "gainc"
+    elif sel.startswith("gainc") and sel != "gainc":  # gaincL: the cost term weighted by L
+        sel, lam = "gainc", float(sel[5:])
     delta = mp - mn
     score = {"delta": lambda: delta,
              "gain": lambda: np.maximum(np.abs(delta) - np.abs(mn), 0),
@@ -148,6 +187,8 @@ def main(argv=None) -> int:
     acts = activations(model_path, args.out_dir)
     names = args.only.split(",")
     tokens = all_token_stats(model_path, args.out_dir) if any(n.startswith("gain") and "gain-" not in n for n in names) else None
+    if any(n.startswith(("gainctail", "gaincpos")) for n in names):
+        acts = dict(acts, tail=tail_means(model_path, args.out_dir))
 
     llm = SteeredLlama(str(model_path), n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads)
     engine = Engine(llm)
