@@ -118,6 +118,38 @@ def tail_means(model_path: Path, out_dir: Path, n_tail: int = 5) -> dict[str, np
     return out
 
 
+def write_projections(model_path: Path, out_dir: Path) -> dict[str, np.ndarray]:
+    """How much each neuron's down-projection column writes along the refusal direction of the residual
+    stream: r_l = mean(pos) - mean(neg) of layer l's output at the last token (unit length), and
+    proj[l, i] = W_down_l[:, i] . r_l ("local"); projF uses the last layer's direction for every layer."""
+    cache = out_dir / "projections.npz"
+    if cache.is_file():
+        with np.load(cache) as f:
+            return {k: f[k] for k in f.files}
+    import torch
+
+    from cna_local.loading import load_model
+    from cna_local.templating import encode_prompts
+
+    loaded = load_model(model_path)
+    mean = {}
+    for side, name in (("pos", "harmful_train"), ("neg", "benign_train")):
+        total, encoded = 0.0, encode_prompts(loaded.tokenizer, load_bundled(name).prompts)
+        for ids in encoded:
+            with torch.inference_mode():
+                hs = loaded.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+            total = total + torch.stack([h[0, -1].double() for h in hs[1:]]).numpy()  # [n_layer, n_embd]
+        mean[side] = total / len(encoded)
+    r = mean["pos"] - mean["neg"]
+    r = r / np.linalg.norm(r, axis=1, keepdims=True)
+    w = [p.weight.detach().double().numpy() for p in loaded.down_projs]  # [n_embd, n_ff] each
+    out = {"proj": np.stack([r[il] @ w[il] for il in range(loaded.n_layer)]),
+           "projF": np.stack([r[-2] @ w[il] for il in range(loaded.n_layer)]),  # hs[-1] is after the final norm
+           "rnorm_dir": r}
+    np.savez(cache, **out)
+    return out
+
+
 def build(name: str, acts: dict, tokens: dict | None, skip_layers: int = 2) -> tuple:
     """A candidate from its name, SEL-kK-SCALE (or mask:PATH[@MULTIPLIER], or none):
     SEL   delta  |mean(pos) - mean(neg)| at the last token (the reference's selection)
@@ -126,6 +158,10 @@ def build(name: str, acts: dict, tokens: dict | None, skip_layers: int = 2) -> t
           gainc  gainw minus the RMS activity over all benign prompt tokens x column norm (the cost elsewhere):
                  the product's `selective` score; gaincL weighs that cost by L; gainctailN uses means
                  over the last N prompt tokens, gaincposJ the J-th token from the end, instead of the last
+          gaincproj / gaincprojF  gainc with the column norm replaced by how much the column writes along the
+                 refusal direction of the residual stream (this layer's / the last layer's), counted only where
+                 the neuron's difference pushes along it (sign(delta) x projection > 0); a trailing L
+                 weighs the cost term by L (gaincprojF0.5)
     SCALE mX     one multiplier X for all
           match  per neuron mean(neg)/mean(pos), clipped to [-2, 2]
     """
@@ -140,6 +176,7 @@ def build(name: str, acts: dict, tokens: dict | None, skip_layers: int = 2) -> t
     sel, k, scale = name.split("-", 2)
     k = int(k[1:])
     lam = 1.0
+    override = None
     mp, mn = acts["pos"].mean(0).astype(np.float64), acts["neg"].mean(0).astype(np.float64)
     if sel.startswith("gainctail"):  # gainctailN: means over the last N prompt tokens instead of the last one
         n_tail = int(sel[9:])
@@ -149,6 +186,13 @@ def build(name: str, acts: dict, tokens: dict | None, skip_layers: int = 2) -> t
         j = int(sel[8:]) - 1
         mp, mn = acts["tail"]["pos"][j], acts["tail"]["neg"][j]
         sel = "gainc"
+    elif sel.startswith("gaincproj"):  # gaincproj[F][L]
+        rest = sel[9:]
+        pr = acts["proj"]["projF" if rest.startswith("F") else "proj"]
+        lam = float(rest.lstrip("F") or 1.0)
+        d = mp - mn
+        override = np.maximum(np.abs(d) - np.abs(mn) - lam * np.sqrt(tokens["neg_sq"]), 0) * np.maximum(np.sign(d) * pr, 0)
+        sel = "gainc"
     elif sel.startswith("gainc") and sel != "gainc":  # gaincL: the cost term weighted by L
         sel, lam = "gainc", float(sel[5:])
     delta = mp - mn
@@ -156,7 +200,7 @@ def build(name: str, acts: dict, tokens: dict | None, skip_layers: int = 2) -> t
              "gain": lambda: np.maximum(np.abs(delta) - np.abs(mn), 0),
              "gainw": lambda: np.maximum(np.abs(delta) - np.abs(mn), 0) * tokens["wnorm"],
              "gainc": lambda: np.maximum((np.abs(delta) - np.abs(mn) - lam * np.sqrt(tokens["neg_sq"])) * tokens["wnorm"], 0),
-             }[sel]()
+             }[sel]() if override is None else override
     if sel == "gainc":  # as the product does: neurons scoring 0 are never picked, k is an upper bound
         k = min(k, int(np.count_nonzero(score[skip_layers:])))
     chosen = top_neurons(score, k, (skip_layers, delta.shape[0]), exclude=(score == 0) if sel == "gainc" else None)
@@ -189,6 +233,8 @@ def main(argv=None) -> int:
     tokens = all_token_stats(model_path, args.out_dir) if any(n.startswith("gain") and "gain-" not in n for n in names) else None
     if any(n.startswith(("gainctail", "gaincpos")) for n in names):
         acts = dict(acts, tail=tail_means(model_path, args.out_dir))
+    if any(n.startswith("gaincproj") for n in names):
+        acts = dict(acts, proj=write_projections(model_path, args.out_dir))
 
     llm = SteeredLlama(str(model_path), n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads)
     engine = Engine(llm)
