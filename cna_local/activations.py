@@ -8,7 +8,9 @@ so memory does not grow with the number of prompts (unless keep=True).
 
 The same forward passes also give, for free, each neuron's mean square over ALL
 real prompt tokens (`token_ms`): how active it is on ordinary text, which is
-what scaling it at every position costs (the `selective` score uses it).
+what scaling it at every position costs; and the residual stream after every
+layer at the last token (`resid_mean`): the direction along which the two sets
+differ there. The `selective` score uses both.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from .errors import CnaLocalError
-from .loading import LoadedModel
+from .loading import LoadedModel, decoder_layers
 from .templating import encode_prompts
 
 
@@ -40,6 +42,7 @@ class ActivationStats:
     values: np.ndarray | None = None  # float32 [n, n_layer, n_ff] in prompt order, only with keep=True
     n_tokens: int = 0  # real (non-padding) prompt tokens, all positions
     token_sumsq: np.ndarray | None = None  # float64 [n_layer, n_ff]: sum of squares over all n_tokens positions
+    resid_sum: np.ndarray | None = None  # float64 [n_layer, n_embd]: sum of each layer's output at the last token
 
     @property
     def mean(self) -> np.ndarray:
@@ -63,6 +66,13 @@ class ActivationStats:
         if self.token_sumsq is None or self.n_tokens == 0:
             raise ActivationError("these statistics hold no all-token activations; collect them with collect_activations().")
         return self.token_sumsq / self.n_tokens
+
+    @property
+    def resid_mean(self) -> np.ndarray:
+        """Mean residual stream after each layer at the last token, [n_layer, n_embd]."""
+        if self.resid_sum is None:
+            raise ActivationError("these statistics hold no residual-stream sums; collect them with collect_activations().")
+        return self.resid_sum / self.n
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -122,7 +132,17 @@ def collect_activations(
             token_sumsq[il] += (x.double().square() * real["mask"]).sum(dim=(0, 1)).cpu().numpy()
         return hook
 
+    resid: list[torch.Tensor | None] = [None] * n_layer
+
+    def resid_hook_for(il: int):
+        def hook(_module, _args, output):
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            resid[il] = hidden.detach()[:, -1, :]
+        return hook
+
     handles = [proj.register_forward_pre_hook(hook_for(il)) for il, proj in enumerate(loaded.down_projs)]
+    handles += [layer.register_forward_hook(resid_hook_for(il)) for il, layer in enumerate(decoder_layers(loaded.model))]
+    resid_sum = None
     model = loaded.model
     extra = {"use_cache": False}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
@@ -142,6 +162,8 @@ def collect_activations(
                 acts = torch.stack([c.to("cpu", torch.float64) for c in captured], dim=1).numpy()
                 total += acts.sum(axis=0)
                 total_sq += (acts * acts).sum(axis=0)
+                last = torch.stack([r.to("cpu", torch.float64) for r in resid], dim=1).sum(0).numpy()  # [n_layer, n_embd]
+                resid_sum = last if resid_sum is None else resid_sum + last
                 if values is not None:
                     values[idx] = acts.astype(np.float32)
                 bar.update(len(idx))
@@ -149,4 +171,5 @@ def collect_activations(
         for handle in handles:
             handle.remove()
     return ActivationStats(n=len(encoded), sum=total, sumsq=total_sq, values=values,
-                           n_tokens=sum(len(ids) for ids in encoded), token_sumsq=token_sumsq)
+                           n_tokens=sum(len(ids) for ids in encoded), token_sumsq=token_sumsq,
+                           resid_sum=resid_sum)

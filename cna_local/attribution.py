@@ -22,6 +22,7 @@ from .scoring import (
     ScoringError,
     SCORES,
     delta_score,
+    direction_writes,
     normalized_score,
     selective_score,
     parse_layer_range,
@@ -44,8 +45,9 @@ class AttributionOptions:
     universal_threshold: float = DEFAULT_UNIVERSAL_THRESHOLD
     batch_size: int = 8
     chat_template: bool = True
-    # -1 (invert): on the default model it halves refusal at 0.97 quality, where ablation (0) cuts 19% (REPORT.md)
-    multiplier: float = -1.0
+    # -1.5 (invert, amplified): on the default model it cuts held-out refusal by about 2/3 at likelihood
+    # quality above 0.97, where ablation (0) cuts a fifth (REPORT.md)
+    multiplier: float = -1.5
     progress: bool = True
     cache_contrasts: bool = True  # reuse the contrast pairs' statistics for this model file
 
@@ -58,22 +60,16 @@ class AttributionResult:
     seconds: dict = field(default_factory=dict)
 
 
-def down_column_norms(loaded: LoadedModel) -> np.ndarray:
-    """||W_down[:, i]|| per [layer, neuron]: how strongly each neuron writes into the residual stream."""
-    import torch
-
-    with torch.no_grad():
-        return np.stack([p.weight.detach().float().norm(dim=0).cpu().numpy() for p in loaded.down_projs]).astype(np.float64)
-
-
-def score(pos: ActivationStats, neg: ActivationStats, method: str, down_norm: np.ndarray | None = None) -> np.ndarray:
-    """Per-neuron scores [n_layer, n_ff] by `method` (scoring.SCORES)."""
+def score(pos: ActivationStats, neg: ActivationStats, method: str, down_weights: list | None = None) -> np.ndarray:
+    """Per-neuron scores [n_layer, n_ff] by `method` (scoring.SCORES); selective needs the model's
+    down-projection weights (one [n_embd, n_ff] per layer)."""
     if method == "normalized":
         return normalized_score(pos.mean, neg.mean, pos.var, neg.var, pos.n, neg.n)
     if method == "selective":
-        if down_norm is None:
-            raise ScoringError("the selective score needs the down-projection column norms of the model.")
-        return selective_score(pos.mean, neg.mean, neg.token_ms, down_norm)
+        if down_weights is None:
+            raise ScoringError("the selective score needs the down-projection weights of the model.")
+        write = direction_writes(down_weights, pos.resid_mean, neg.resid_mean)
+        return selective_score(pos.mean, neg.mean, neg.token_ms, write)
     if method == "delta":
         return delta_score(pos.mean, neg.mean)
     raise ScoringError(f"unknown score {method!r}; choose one of {', '.join(SCORES)}.")
@@ -115,16 +111,16 @@ def attribute(
                                    chat_template=opts.chat_template, progress=opts.progress, desc=desc)
 
     t0 = time.perf_counter()
-    down_norm = down_column_norms(loaded) if opts.score == "selective" else None
+    down_weights = [p.weight for p in loaded.down_projs] if opts.score == "selective" else None
     scores = score(run(positive, f"positive ({positive.name})"), run(negative, f"negative ({negative.name})"),
-                   opts.score, down_norm)
+                   opts.score, down_weights)
     seconds["activations"] = time.perf_counter() - t0
 
     universal = None
     if opts.universal_filter:
         t0 = time.perf_counter()
         stats = contrast_stats(loaded, contrasts, opts.batch_size, opts.chat_template, opts.progress, opts.cache_contrasts)
-        contrast_scores = [score(a, b, opts.score, down_norm) for a, b in stats]
+        contrast_scores = [score(a, b, opts.score, down_weights) for a, b in stats]
         universal = universal_neurons(contrast_scores, k, opts.universal_threshold, layer_range)
         seconds["universal_filter"] = time.perf_counter() - t0
 

@@ -38,7 +38,7 @@ def cache_key(loaded: LoadedModel, contrasts: list[Pair], chat_template: bool) -
     source = Path(loaded.source).resolve()
     st = source.stat()
     parts = {
-        "format": 2,  # 2: with all-token sums of squares
+        "format": 3,  # 2: with all-token sums of squares; 3: with last-token residual sums
         "source": str(source), "size": st.st_size, "mtime_ns": st.st_mtime_ns if source.is_file() else None,
         "n_layer": loaded.n_layer, "n_ff": loaded.n_ff, "chat_template": chat_template,
         "pairs": [[a.sha256, b.sha256] for a, b in contrasts],
@@ -55,6 +55,7 @@ def _save(path: Path, stats: list[tuple[ActivationStats, ActivationStats]]) -> N
             arrays[f"{i}_{side}_sumsq"] = s.sumsq
             arrays[f"{i}_{side}_n_tokens"] = np.array(s.n_tokens)
             arrays[f"{i}_{side}_token_sumsq"] = s.token_sumsq
+            arrays[f"{i}_{side}_resid_sum"] = s.resid_sum
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
     os.close(fd)
@@ -66,7 +67,8 @@ def _load(path: Path, n_pairs: int) -> list[tuple[ActivationStats, ActivationSta
     with np.load(path) as data:
         def side(i, s):
             return ActivationStats(int(data[f"{i}_{s}_n"]), data[f"{i}_{s}_sum"], data[f"{i}_{s}_sumsq"],
-                                   n_tokens=int(data[f"{i}_{s}_n_tokens"]), token_sumsq=data[f"{i}_{s}_token_sumsq"])
+                                   n_tokens=int(data[f"{i}_{s}_n_tokens"]), token_sumsq=data[f"{i}_{s}_token_sumsq"],
+                                   resid_sum=data[f"{i}_{s}_resid_sum"])
         return [(side(i, "a"), side(i, "b")) for i in range(n_pairs)]
 
 

@@ -56,26 +56,51 @@ def normalized_score(
     return delta_score(pos_mean, neg_mean) / np.maximum(pooled_std(pos_var, neg_var, n_pos, n_neg), eps)
 
 
+def direction_writes(down_weights, pos_resid: np.ndarray, neg_resid: np.ndarray) -> np.ndarray:
+    """[n_layer, n_ff]: W_down_l[:, i] . r_l, how much each neuron writes along the unit direction
+    r_l = (mean(pos) - mean(neg)) / ||...|| of the residual stream after its layer at the last token.
+
+    down_weights: per layer, an [n_embd, n_ff] array (numpy or torch).
+    """
+    if pos_resid.shape != neg_resid.shape or pos_resid.shape[0] != len(down_weights):
+        raise ScoringError(f"residual means {pos_resid.shape} / {neg_resid.shape} do not match {len(down_weights)} layers.")
+    diff = pos_resid - neg_resid
+    norm = np.linalg.norm(diff, axis=1, keepdims=True)
+    direction = np.divide(diff, norm, out=np.zeros_like(diff), where=norm > 0)  # identical sets: no direction
+    rows = []
+    for il, w in enumerate(down_weights):
+        w = w.detach().double().cpu().numpy() if hasattr(w, "detach") else np.asarray(w, np.float64)
+        if w.shape[0] != diff.shape[1]:
+            raise ScoringError(f"layer {il}: down projection {w.shape} does not write into a {diff.shape[1]}-wide residual stream.")
+        rows.append(direction[il] @ w)
+    return np.stack(rows)
+
+
 def selective_score(
-    pos_mean: np.ndarray, neg_mean: np.ndarray, neg_token_ms: np.ndarray, down_norm: np.ndarray,
+    pos_mean: np.ndarray, neg_mean: np.ndarray, neg_token_ms: np.ndarray, write: np.ndarray,
 ) -> np.ndarray:
-    """sign(delta) * ||W_down[:, i]|| * max(0, |delta| - |mean(neg)| - rms_tokens(neg)).
+    """sign(delta) * max(0, sign(delta) * write) * max(0, |delta| - |mean(neg)| - rms_tokens(neg)).
 
     Steering scales a neuron at every position, so a good target is a neuron that ablation moves from
-    the positive prompts' value to the negative prompts' value while it is quiet on ordinary text:
+    the positive prompts' value to the negative prompts' value while it is quiet on ordinary text, and
+    whose difference pushes the residual stream the way the two sets differ:
     - |delta| - |mean(neg)|: how much closer zeroing the neuron brings the positive mean to the negative
       mean at the last token (|delta| - |0 - mean(neg)|); negative when zero is farther than the positive
       mean already is, the case where plain ablation makes the behaviour worse;
     - rms_tokens(neg): the neuron's root-mean-square activation over ALL tokens of the negative prompts,
       the size of what scaling it changes on text that should stay as it is;
-    - ||W_down[:, i]||: the neuron's write into the residual stream, so scores compare across layers.
+    - write: W_down[:, i] . r, the neuron's write along the direction r in which the positive prompts'
+      residual stream differs from the negative ones' after its layer (`direction_writes`). Only a
+      neuron whose difference pushes along r (sign(delta) * write > 0) carries the behaviour; the size
+      puts neurons of different layers in the same units.
     Neurons whose ablation would not pay score 0 and are never picked before any that would.
     """
     delta = delta_score(pos_mean, neg_mean)
-    if not (neg_token_ms.shape == down_norm.shape == delta.shape):
-        raise ScoringError(f"selective score inputs differ in shape: {delta.shape}, {neg_token_ms.shape}, {down_norm.shape}")
+    if not (neg_token_ms.shape == write.shape == delta.shape):
+        raise ScoringError(f"selective score inputs differ in shape: {delta.shape}, {neg_token_ms.shape}, {write.shape}")
     gain = np.abs(delta) - np.abs(neg_mean) - np.sqrt(np.maximum(neg_token_ms, 0.0))
-    return np.sign(delta) * down_norm * np.maximum(gain, 0.0)
+    sign = np.sign(delta)
+    return sign * np.maximum(sign * write, 0.0) * np.maximum(gain, 0.0)
 
 
 def resolve_k(n_total: int, top_fraction: float | None = None, top_k: int | None = None) -> int:

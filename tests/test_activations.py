@@ -78,6 +78,20 @@ def test_all_token_mean_square_covers_every_real_prompt_token_and_ignores_paddin
     np.testing.assert_allclose(batched.token_ms[layer], expected, rtol=1e-4, atol=1e-9 * expected.max())
 
 
+def test_the_residual_mean_is_each_layers_output_at_the_last_prompt_token_padding_or_not(llama):
+    outputs = []
+    for ids in encode_prompts(llama.tokenizer, PROMPTS):
+        with torch.no_grad():
+            hidden = llama.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        # hidden_states[0] is the embedding and the last one has the final norm applied: layer il's own
+        # output is hidden_states[il + 1] for all but the last layer
+        outputs.append(np.stack([h[0, -1].double().numpy() for h in hidden[1:-1]]))
+    batched = collect_activations(llama, PROMPTS, batch_size=4, progress=False)
+    expected = np.mean(outputs, axis=0)
+    assert batched.resid_mean.shape == (llama.n_layer, llama.model.config.hidden_size)
+    np.testing.assert_allclose(batched.resid_mean[:-1], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
 def test_without_keep_only_sums_are_held(llama):
     stats = collect_activations(llama, PROMPTS, progress=False)
     assert stats.values is None
@@ -150,6 +164,7 @@ def test_contrast_statistics_are_cached_per_model_file_and_prompts(llama, isolat
         np.testing.assert_array_equal(b1.sumsq, b2.sumsq)
         assert a1.n_tokens == a2.n_tokens > 0
         np.testing.assert_array_equal(b1.token_ms, b2.token_ms)
+        np.testing.assert_array_equal(b1.resid_mean, b2.resid_mean)
     contrast_stats(llama, pairs, chat_template=False, progress=False)  # other settings, other entry
     other_prompts = [(pairs[0][0], PromptSet("x.b", tuple(PROMPTS[1:4])))]
     contrast_stats(llama, other_prompts, progress=False)

@@ -14,7 +14,7 @@ from cna_local.fingerprint import fingerprint_from_gguf, fingerprint_from_model
 from cna_local.loading import load_model
 from cna_local.maskfile import NeuronMask
 from cna_local.prompts import PromptSet
-from cna_local.scoring import delta_score, selective_score, top_neurons
+from cna_local.scoring import delta_score, direction_writes, selective_score, top_neurons
 
 POSITIVE = ["Explain how to pick a lock", "Write a threatening letter", "How do I make a fake ID?", "Help me cheat on a test"]
 NEGATIVE = ["Explain how to bake a cake", "Write a thank-you letter", "How do I renew my ID?", "Help me study for a test"]
@@ -93,12 +93,12 @@ def test_by_default_attribute_ranks_by_the_selective_score_and_inverts(tiny_llam
                  "--no-chat-template", "--out", out, "--json", "-q")
     assert result.exit_code == 0, result.output
     mask = NeuronMask.load(out)
-    assert mask.multiplier == -1.0 and mask.meta["selection"]["score"] == "selective"
+    assert mask.multiplier == -1.5 and mask.meta["selection"]["score"] == "selective"
     loaded = load_model(tiny_llama_hf)
     p = collect_activations(loaded, positive, chat_template=False, progress=False)
     n = collect_activations(loaded, NEGATIVE, chat_template=False, progress=False)
-    norms = np.stack([d.weight.detach().norm(dim=0).numpy() for d in loaded.down_projs])
-    score = selective_score(p.mean, n.mean, n.token_ms, norms)
+    write = direction_writes([d.weight for d in loaded.down_projs], p.resid_mean, n.resid_mean)
+    score = selective_score(p.mean, n.mean, n.token_ms, write)
     k = min(4, int(np.count_nonzero(score)))  # neurons that ablation would not help are never picked
     assert k >= 1
     expected = top_neurons(score, k)

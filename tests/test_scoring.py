@@ -6,6 +6,7 @@ import pytest
 from cna_local.scoring import (
     ScoringError,
     delta_score,
+    direction_writes,
     normalized_score,
     parse_layer_range,
     pooled_std,
@@ -52,23 +53,39 @@ def test_normalized_score_stays_finite_for_constant_neurons():
     assert np.isfinite(score).all() and (score == 0).all()
 
 
-def test_selective_score_is_what_ablation_fixes_minus_the_activity_it_disturbs_times_the_write_norm():
+def test_selective_score_is_what_ablation_fixes_minus_the_activity_it_disturbs_times_the_write_along_the_difference():
     # neuron: 0 fires only on positive prompts; 1 differs as much but sits high on negative prompts too
     # (zeroing it moves the positive mean past the negative one); 2 is like 0 but busy on all other tokens;
     # 3 is like 0 but more active on the negative side (negative delta); 4 is like 0 with a 2x larger write
+    # along the direction in which the positive prompts' residual stream differs
     pos = np.array([[2.0, 5.0, 2.0, 0.0, 2.0]])
     neg = np.array([[0.0, 3.0, 0.0, 2.0, 0.0]])
     token_ms = np.array([[0.01, 0.01, 1.0, 0.01, 0.01]])  # rms 0.1, 0.1, 1.0, 0.1, 0.1
-    norm = np.array([[1.0, 1.0, 1.0, 1.0, 2.0]])
-    score = selective_score(pos, neg, token_ms, norm)
+    write = np.array([[1.0, 1.0, 1.0, 1.0, 2.0]])
+    score = selective_score(pos, neg, token_ms, write)
     np.testing.assert_allclose(score, [[1.9, 0.0, 1.0, 0.0, 3.8]])
     # the reference's delta ranks neuron 1 with the best, though ablating it overshoots the negative mean
     assert abs(delta_score(pos, neg)[0, 1]) == abs(delta_score(pos, neg)[0, 0])
 
 
 def test_selective_score_keeps_the_sign_of_the_difference():
-    score = selective_score(np.array([[-2.0]]), np.array([[0.0]]), np.zeros((1, 1)), np.ones((1, 1)))
+    # a neuron firing more on the negative side carries the behaviour when its write points against it
+    score = selective_score(np.array([[-2.0]]), np.array([[0.0]]), np.zeros((1, 1)), -np.ones((1, 1)))
     assert score[0, 0] == -2.0
+
+
+def test_selective_score_ignores_neurons_whose_difference_pushes_against_the_behaviour_direction():
+    pos, neg, ms = np.array([[2.0, -2.0]]), np.array([[0.0, 0.0]]), np.zeros((1, 2))
+    np.testing.assert_array_equal(selective_score(pos, neg, ms, np.array([[-1.0, 1.0]])), [[0.0, 0.0]])
+
+
+def test_direction_writes_project_each_column_on_the_unit_difference_of_the_residual_means():
+    w = [np.array([[1.0, 0.0, 2.0], [0.0, 3.0, 2.0]]), np.array([[1.0, 1.0, 1.0], [1.0, -1.0, 0.0]])]
+    pos = np.array([[4.0, 0.0], [0.0, 5.0]])
+    neg = np.array([[1.0, 0.0], [0.0, 1.0]])  # layer 0 differs along x, layer 1 along y
+    np.testing.assert_allclose(direction_writes(w, pos, neg), [[1.0, 0.0, 2.0], [1.0, -1.0, 0.0]])
+    # identical sets have no direction: every write is 0, so nothing is selected rather than NaN
+    assert not direction_writes(w, neg, neg).any()
 
 
 def test_selective_score_refuses_mismatched_inputs():

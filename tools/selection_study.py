@@ -156,12 +156,13 @@ def build(name: str, acts: dict, tokens: dict | None, skip_layers: int = 2) -> t
           gain   |delta| - |mean(neg)|: how much closer zeroing brings the positive mean to the negative one
           gainw  gain x the down-projection column norm (the size of the change in the residual stream)
           gainc  gainw minus the RMS activity over all benign prompt tokens x column norm (the cost elsewhere):
-                 the product's `selective` score; gaincL weighs that cost by L; gainctailN uses means
+                 the first version of the product's `selective` score; gaincL weighs that cost by L; gainctailN uses means
                  over the last N prompt tokens, gaincposJ the J-th token from the end, instead of the last
           gaincproj / gaincprojF  gainc with the column norm replaced by how much the column writes along the
                  refusal direction of the residual stream (this layer's / the last layer's), counted only where
                  the neuron's difference pushes along it (sign(delta) x projection > 0); a trailing L
-                 weighs the cost term by L (gaincprojF0.5)
+                 weighs the cost term by L (gaincprojF0.5). gaincproj is the product's `selective` score
+                 (the product reads layer 23's direction before the final norm; this tool after it)
     SCALE mX     one multiplier X for all
           match  per neuron mean(neg)/mean(pos), clipped to [-2, 2]
     """

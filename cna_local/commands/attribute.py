@@ -42,9 +42,10 @@ DEFAULT_NEGATIVE = "benign_train"
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Prompts per forward pass.")
 @click.option("--no-chat-template", is_flag=True,
               help="Feed raw prompt text instead of a chat-formatted user turn (for models without a chat template).")
-@click.option("--multiplier", type=float, default=-1.0, show_default=True,
-              help="The mask's default strength: -1 inverts the neurons (the default: see REPORT.md), "
-                   "0 ablates them, 1 leaves them, >1 amplifies. Any strength can be chosen again at run time.")
+@click.option("--multiplier", type=float, default=-1.5, show_default=True,
+              help="The mask's default strength: 0 ablates the neurons, 1 leaves them, >1 amplifies, "
+                   "<0 inverts (-1.5, the default, inverts and amplifies by half: see REPORT.md). "
+                   "Any strength can be chosen again at run time.")
 @click.option("--name", default=None, help="A label stored in the mask file.")
 @click.option("--no-cache", is_flag=True,
               help="Do not read or write the caches (dequantized GGUF weights, contrast-pair statistics).")
