@@ -88,32 +88,45 @@ def all_token_stats(model_path: Path, out_dir: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def tail_means(model_path: Path, out_dir: Path, n_tail: int = 5) -> dict[str, np.ndarray]:
-    """Mean activation over prompts at each of the last n_tail positions ([n_tail, n_layer, n_ff], index 0 =
-    the last token): where in the generation prompt the behaviour is readable."""
-    cache = out_dir / f"tail{n_tail}.npz"
-    if cache.is_file():
-        with np.load(cache) as f:
-            return {k: f[k] for k in f.files}
-    import torch
+def _cached(path: Path) -> dict[str, np.ndarray] | None:
+    if not path.is_file():
+        return None
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
 
+
+def _side_means(model_path: Path, per_prompt) -> tuple:
+    """(loaded model, {"pos": ..., "neg": ...}): per_prompt(loaded, ids) averaged over each discovery set."""
     from cna_local.loading import load_model
     from cna_local.templating import encode_prompts
 
     loaded = load_model(model_path)
-    out = {}
+    means = {}
     for side, name in (("pos", "harmful_train"), ("neg", "benign_train")):
-        total, encoded = 0.0, encode_prompts(loaded.tokenizer, load_bundled(name).prompts)
-        for ids in encoded:
-            seen = {}
-            hooks = [proj.register_forward_pre_hook(lambda m, a, il=il: seen.__setitem__(il, a[0][0, -n_tail:].double().numpy()))
-                     for il, proj in enumerate(loaded.down_projs)]
-            with torch.inference_mode():
-                loaded.model(input_ids=torch.tensor([ids]))
-            for h in hooks:
-                h.remove()
-            total = total + np.stack([seen[il][::-1] for il in range(loaded.n_layer)], axis=1)  # [n_tail, n_layer, n_ff]
-        out[side] = total / len(encoded)
+        encoded = encode_prompts(loaded.tokenizer, load_bundled(name).prompts)
+        means[side] = sum(per_prompt(loaded, ids) for ids in encoded) / len(encoded)
+    return loaded, means
+
+
+def tail_means(model_path: Path, out_dir: Path, n_tail: int = 5) -> dict[str, np.ndarray]:
+    """Mean activation over prompts at each of the last n_tail positions ([n_tail, n_layer, n_ff], index 0 =
+    the last token): where in the generation prompt the behaviour is readable."""
+    cache = out_dir / f"tail{n_tail}.npz"
+    if (hit := _cached(cache)) is not None:
+        return hit
+    import torch
+
+    def last_tokens(loaded, ids):
+        seen = {}
+        hooks = [proj.register_forward_pre_hook(lambda m, a, il=il: seen.__setitem__(il, a[0][0, -n_tail:].double().numpy()))
+                 for il, proj in enumerate(loaded.down_projs)]
+        with torch.inference_mode():
+            loaded.model(input_ids=torch.tensor([ids]))
+        for h in hooks:
+            h.remove()
+        return np.stack([seen[il][::-1] for il in range(loaded.n_layer)], axis=1)  # [n_tail, n_layer, n_ff]
+
+    _, out = _side_means(model_path, last_tokens)
     np.savez(cache, **out)
     return out
 
@@ -123,23 +136,16 @@ def write_projections(model_path: Path, out_dir: Path) -> dict[str, np.ndarray]:
     stream: r_l = mean(pos) - mean(neg) of layer l's output at the last token (unit length), and
     proj[l, i] = W_down_l[:, i] . r_l ("local"); projF uses the last layer's direction for every layer."""
     cache = out_dir / "projections.npz"
-    if cache.is_file():
-        with np.load(cache) as f:
-            return {k: f[k] for k in f.files}
+    if (hit := _cached(cache)) is not None:
+        return hit
     import torch
 
-    from cna_local.loading import load_model
-    from cna_local.templating import encode_prompts
+    def residuals(loaded, ids):
+        with torch.inference_mode():
+            hs = loaded.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        return torch.stack([h[0, -1].double() for h in hs[1:]]).numpy()  # [n_layer, n_embd]
 
-    loaded = load_model(model_path)
-    mean = {}
-    for side, name in (("pos", "harmful_train"), ("neg", "benign_train")):
-        total, encoded = 0.0, encode_prompts(loaded.tokenizer, load_bundled(name).prompts)
-        for ids in encoded:
-            with torch.inference_mode():
-                hs = loaded.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
-            total = total + torch.stack([h[0, -1].double() for h in hs[1:]]).numpy()  # [n_layer, n_embd]
-        mean[side] = total / len(encoded)
+    loaded, mean = _side_means(model_path, residuals)
     r = mean["pos"] - mean["neg"]
     r = r / np.linalg.norm(r, axis=1, keepdims=True)
     w = [p.weight.detach().double().numpy() for p in loaded.down_projs]  # [n_embd, n_ff] each
