@@ -142,7 +142,7 @@ def collect_activations(
 
     handles = [proj.register_forward_pre_hook(hook_for(il)) for il, proj in enumerate(loaded.down_projs)]
     handles += [layer.register_forward_hook(resid_hook_for(il)) for il, layer in enumerate(decoder_layers(loaded.model))]
-    resid_sum = None
+    resid_sum = np.zeros((n_layer, loaded.down_projs[0].out_features), np.float64)  # n_embd wide
     model = loaded.model
     extra = {"use_cache": False}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
@@ -162,8 +162,7 @@ def collect_activations(
                 acts = torch.stack([c.to("cpu", torch.float64) for c in captured], dim=1).numpy()
                 total += acts.sum(axis=0)
                 total_sq += (acts * acts).sum(axis=0)
-                last = torch.stack([r.to("cpu", torch.float64) for r in resid], dim=1).sum(0).numpy()  # [n_layer, n_embd]
-                resid_sum = last if resid_sum is None else resid_sum + last
+                resid_sum += torch.stack([r.to("cpu", torch.float64) for r in resid], dim=1).sum(0).numpy()
                 if values is not None:
                     values[idx] = acts.astype(np.float32)
                 bar.update(len(idx))

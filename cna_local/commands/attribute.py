@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import CnaLocalError
+from ..scoring import SCORES
 
 DEFAULT_POSITIVE = "harmful_train"
 DEFAULT_NEGATIVE = "benign_train"
@@ -26,10 +27,11 @@ DEFAULT_NEGATIVE = "benign_train"
 @click.option("--top-fraction", type=float, default=None,
               help="Keep this fraction of ALL MLP neurons (n_layer x n_ff), by |score|, at least one.  [default: 0.001]")
 @click.option("--top-k", type=int, default=None, help="Keep exactly this many neurons (instead of --top-fraction).")
-@click.option("--score", "score_method", type=click.Choice(["selective", "delta", "normalized"]), default="selective",
+@click.option("--score", "score_method", type=click.Choice(SCORES), default="selective",
               show_default=True,
               help="How neurons are ranked. selective: the part of |mean(pos) - mean(neg)| that ablation fixes, minus "
-                   "the neuron's activity on ordinary text, times its down-projection weight (REPORT.md); "
+                   "the neuron's activity on ordinary text, times how much it writes along the direction in which "
+                   "the positive prompts' residual stream differs (REPORT.md); "
                    "delta: |mean(pos) - mean(neg)|, the reference implementation's; "
                    "normalized: delta / pooled standard deviation.")
 @click.option("--layers", default=None, metavar="START:END",

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from ..errors import CnaLocalError
+from ..scoring import SCORES
 from .eval import MultiplierList
 
 
@@ -26,7 +27,7 @@ from .eval import MultiplierList
               help="Strengths to evaluate.  [default: 1, 0 and the mask's default multiplier]")
 @click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
               help="Evaluate only the first N prompts of each held-out set (faster, noisier).")
-@click.option("--score", "score_method", type=click.Choice(["selective", "delta", "normalized"]), default="selective",
+@click.option("--score", "score_method", type=click.Choice(SCORES), default="selective",
               show_default=True, help="How neurons are ranked (see `cna-local attribute --help`).")
 @click.option("--examples", type=click.IntRange(min=0), default=3, show_default=True,
               help="Harmful prompts to show side by side, baseline against steered.")

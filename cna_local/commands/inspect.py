@@ -32,10 +32,12 @@ def mask_report(mask, top: int) -> dict:
 
 def _selection_lines(sel: dict) -> list[str]:
     asked = sel.get("top_k_asked", sel.get("top_k"))
+    notes = [f"{asked} asked for"] if asked != sel.get("top_k") else []
+    if sel.get("top_fraction"):
+        notes.append(f"fraction {sel['top_fraction']:g}")
+    detail = ", ".join(notes) + ("; the rest scored 0" if asked != sel.get("top_k") else "")
     lines = [f"score       {sel.get('score')}, top {sel.get('top_k')} of all MLP neurons"
-             + (f" ({asked} asked for, fraction {sel['top_fraction']:g}; the rest scored 0)" if asked != sel.get("top_k") and sel.get("top_fraction")
-                else f" ({asked} asked for; the rest scored 0)" if asked != sel.get("top_k")
-                else f" (fraction {sel['top_fraction']:g})" if sel.get("top_fraction") else "")
+             + (f" ({detail})" if detail else "")
              + (f", layers {sel['layer_start']}:{sel['layer_end']} (end exclusive)" if "layer_start" in sel else "")]
     for side in ("positive", "negative"):
         if side in sel:
