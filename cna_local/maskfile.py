@@ -27,7 +27,6 @@ Format v1 follows llama.cpp's adapter conventions (like LoRA GGUFs):
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 
 from .errors import CnaLocalError
 from .fingerprint import Fingerprint
+from .multipliers import check_multiplier
 
 FORMAT_VERSION = 1
 ADAPTER_TYPE = "neuron_mask"
@@ -54,16 +54,6 @@ class MaskMismatchError(CnaLocalError):
 
 def tensor_name(layer: int, kind: str) -> str:
     return f"blk.{layer}.ffn_down.weight.neuron_{kind}"
-
-
-def check_multiplier(multiplier: float) -> float:
-    try:
-        value = float(multiplier)
-    except (TypeError, ValueError):
-        raise MaskFileError(f"the multiplier must be a number, got {multiplier!r}.") from None
-    if not math.isfinite(value):
-        raise MaskFileError(f"the multiplier must be a finite number, got {value} (0 ablates, 1 is no change, -1 inverts).")
-    return value
 
 
 @dataclass

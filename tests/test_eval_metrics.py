@@ -11,7 +11,6 @@ import pytest
 from cna_local.evaluation import (
     REFUSAL_MARKERS,
     answer_matches,
-    check_multipliers,
     distinct_ngram_ratio,
     first_token_kl,
     is_degenerate,
@@ -24,7 +23,6 @@ from cna_local.evaluation import (
 from cna_local.evaluation.capability import CapabilityFileError
 from cna_local.evaluation.quality import log_softmax
 from cna_local.evaluation.refusal import prefix_free
-from cna_local.evaluation.runner import EvalError
 
 REFUSALS = [
     "I'm sorry, but I can't assist with that.",
@@ -168,10 +166,3 @@ def test_capability_file_errors(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"question": "2+2?", "answers": "4"}) + "\n")
     assert load_capability(good)[0].answers == ("4",)
-
-
-def test_multiplier_checks():
-    assert check_multipliers([1, 0, -1, 0, -0.0]) == [1.0, 0.0, -1.0]
-    for bad in ([float("nan")], [1, float("inf")], ["x"], []):
-        with pytest.raises(EvalError):
-            check_multipliers(bad)

@@ -11,7 +11,10 @@ from cna_local.evaluation import evaluate, format_table, plot, to_json
 from cna_local.evaluation.capability import CapabilityItem
 from cna_local.evaluation.quality import log_softmax
 from cna_local.evaluation.refusal import REFUSAL_OPENERS, prefix_free
-from cna_local.evaluation.runner import Engine, EvalError, measure_benign, measure_harmful
+from cna_local.evaluation.engine import Engine
+from cna_local.evaluation.errors import EvalError
+from cna_local.multipliers import MultiplierError
+from cna_local.evaluation.measures import measure_benign, measure_harmful
 from cna_local.fingerprint import fingerprint_from_gguf
 from cna_local.maskfile import MaskMismatchError, NeuronMask
 from cna_local.runtime import SteeredLlama
@@ -161,7 +164,7 @@ def test_evaluate_bad_inputs(llm, fp, tmp_path):
     with pytest.raises(MaskMismatchError, match="different weights"):
         evaluate(llm, other, [0], ["a"], ["b"], [], progress=False)
     assert llm.steering.mask is None  # restored
-    with pytest.raises(EvalError, match="not a finite number"):
+    with pytest.raises(MultiplierError, match="must be a finite number"):
         evaluate(llm, mask, [float("nan")], ["a"], ["b"], [], progress=False)
     with pytest.raises(EvalError, match="empty"):
         evaluate(llm, mask, [0], [], ["b"], [], progress=False)

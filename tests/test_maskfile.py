@@ -6,6 +6,7 @@ import pytest
 
 from cna_local.fingerprint import Fingerprint
 from cna_local.maskfile import KEY_PREFIX, MaskFileError, MaskMismatchError, NeuronMask, read_mask, tensor_name
+from cna_local.multipliers import MultiplierError
 
 FP = "ab" * 32
 
@@ -83,7 +84,7 @@ def test_per_neuron_scales_are_the_targets_at_multiplier_0_and_the_multiplier_mo
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), "strong"])
 def test_a_non_finite_multiplier_is_an_error(bad):
-    with pytest.raises(MaskFileError, match="multiplier"):
+    with pytest.raises(MultiplierError, match="multiplier must be a"):
         make_mask().scales_for(bad)
 
 

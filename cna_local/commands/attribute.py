@@ -87,7 +87,7 @@ def _run(model_spec, positive, negative, field, top_fraction, top_k, score_metho
     # Heavy imports here so that `cna-local --help` stays fast.
     from ..attribution import AttributionOptions, attribute as run_attribution
     from ..loading import load_model
-    from ..maskfile import check_multiplier
+    from ..multipliers import check_multiplier
     from ..models import resolve_model
     from ..prompts import load_contrast_pairs, resolve_prompt_set
     from ..scoring import ScoringError, check_threshold, parse_layer_spec

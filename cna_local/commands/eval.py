@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -12,28 +11,19 @@ from ..errors import CnaLocalError
 
 
 class MultiplierList(click.ParamType):
-    """A comma-separated list of finite numbers, e.g. 1,0,-1."""
+    """A comma-separated list of finite numbers, e.g. 1,0,-1.5 (checked by cna_local.multipliers)."""
 
     name = "LIST"
 
     def convert(self, value, param, ctx):
+        from ..multipliers import MultiplierError, parse_multipliers
+
         if isinstance(value, (list, tuple)):
             return list(value)
-        parts = [p.strip() for p in str(value).split(",")]
-        if not any(parts):
-            self.fail("give at least one multiplier, e.g. 1,0,-1.", param, ctx)
-        values = []
-        for part in parts:
-            if not part:
-                self.fail(f"{value!r} has an empty item. Give comma-separated numbers, e.g. 1,0,-1.", param, ctx)
-            try:
-                number = float(part)
-            except ValueError:
-                self.fail(f"{part!r} is not a number. Give comma-separated numbers, e.g. 1,0,-1.", param, ctx)
-            if not math.isfinite(number):
-                self.fail(f"{part!r} is not a finite number. Give e.g. 1,0,-1 (1 = unsteered, 0 = ablated, -1 = inverted).", param, ctx)
-            values.append(number)
-        return values
+        try:
+            return parse_multipliers(value)
+        except MultiplierError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 def _warn_if_busy(threads: int, quiet: bool) -> None:
@@ -53,8 +43,9 @@ def _warn_if_busy(threads: int, quiet: bool) -> None:
               help="The model: a .gguf file (or a named model).")
 @click.option("--mask", "mask_path", required=True, type=click.Path(path_type=Path), metavar="MASK.gguf",
               help="The neuron mask made for this model by `cna-local attribute`.")
-@click.option("--multipliers", type=MultiplierList(), default="1,0,-1", show_default=True,
-              help="Mask strengths to evaluate, comma-separated. 1 is the unsteered baseline and is always run.")
+@click.option("--multipliers", type=MultiplierList(), default=None, metavar="LIST",
+              help="Mask strengths to evaluate, comma-separated. 1 is the unsteered baseline and is always run.  "
+                   "[default: 1, 0 and the mask's own multiplier]")
 @click.option("--harmful", default="harmful_heldout", show_default=True, metavar="FILE|NAME",
               help="Prompts that should be refused: .txt (one per line), .jsonl or .csv, or a bundled set name.")
 @click.option("--benign", default="benign_heldout", show_default=True, metavar="FILE|NAME",

@@ -12,11 +12,14 @@ from .capability import CapabilityItem, answer_matches, load_capability
 from .quality import distinct_ngram_ratio, first_token_kl, is_degenerate, likelihood_quality, token_repeat_fraction
 from .refusal import REFUSAL_MARKERS, REFUSAL_OPENERS, is_refusal, refusal_markers
 from .report import format_table, plot, to_json, write_json
-from .runner import DEFAULT_MULTIPLIERS, EvalError, EvalResult, MultiplierResult, check_multipliers, evaluate
+from ..multipliers import check_multipliers
+from .errors import EvalError
+from .results import EvalResult, MultiplierResult
+from .runner import default_multipliers, evaluate
 
 __all__ = [
-    "CapabilityItem", "DEFAULT_MULTIPLIERS", "EvalError", "EvalResult", "MultiplierResult", "REFUSAL_MARKERS",
-    "REFUSAL_OPENERS", "answer_matches", "check_multipliers", "distinct_ngram_ratio", "evaluate", "first_token_kl",
+    "CapabilityItem", "EvalError", "EvalResult", "MultiplierResult", "REFUSAL_MARKERS",
+    "REFUSAL_OPENERS", "answer_matches", "check_multipliers", "default_multipliers", "distinct_ngram_ratio", "evaluate", "first_token_kl",
     "format_table", "is_degenerate", "is_refusal", "likelihood_quality", "load_capability", "plot",
     "refusal_markers", "to_json", "token_repeat_fraction", "write_json",
 ]

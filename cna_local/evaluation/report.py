@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .runner import EvalResult
+    from .results import EvalResult
 
 COLUMNS = (
     # (header, summary key(s), kind)

@@ -4,7 +4,8 @@
 """
 
 from .binding import PatchedLibraryError
+from .composition import compose
 from .llama import SteeredLlama
-from .steering import NeuronSteering, SteeringError
+from .steering import NeuronSteering, SteeringError, SteeringState
 
-__all__ = ["NeuronSteering", "PatchedLibraryError", "SteeredLlama", "SteeringError"]
+__all__ = ["NeuronSteering", "PatchedLibraryError", "SteeredLlama", "SteeringError", "SteeringState", "compose"]

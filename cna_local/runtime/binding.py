@@ -13,7 +13,7 @@ from pathlib import Path
 
 import llama_cpp.llama_cpp as _llama_cpp
 
-SYMBOLS = ("llama_set_neuron_mask", "llama_clear_neuron_mask", "llama_get_neuron_mask")
+SYMBOLS = ("llama_set_neuron_mask", "llama_clear_neuron_mask", "llama_get_neuron_mask", "llama_get_neuron_mask_reach")
 
 # Codes returned by llama_set_neuron_mask (include/llama.h in the patched tree).
 STATUS_MESSAGES = {
@@ -23,9 +23,15 @@ STATUS_MESSAGES = {
     -4: "a neuron index is out of range",
     -5: "a scale is NaN or infinite",
     -6: "the same (layer, neuron) appears twice",
-    -7: "the model has a mixture-of-experts FFN; neuron masks support dense FFNs only",
+    -7: "no layer of this model builds its FFN through build_ffn (mixture-of-experts or custom FFN): a mask reaches nothing",
     -8: "could not allocate the mask's buffers on the model's device",
+    -9: "a layer's FFN is not built through build_ffn (mixture-of-experts or custom FFN): the mask cannot reach it",
+    -10: "the graph that finds the layers a mask can reach could not be built (see llama.cpp's log)",
 }
+
+
+def status_message(code: int) -> str:
+    return STATUS_MESSAGES.get(code, f"error {code}")
 
 
 class PatchedLibraryError(RuntimeError):
@@ -64,6 +70,9 @@ def _bind():
     # int32_t llama_get_neuron_mask(const ctx, int32_t * layers, int32_t * neurons, float * scales, size_t n_max)
     lib.llama_get_neuron_mask.argtypes = [ctx_p, i32p, i32p, f32p, ctypes.c_size_t]
     lib.llama_get_neuron_mask.restype = ctypes.c_int32
+    # int32_t llama_get_neuron_mask_reach(ctx, uint8_t * reachable, size_t n_max)
+    lib.llama_get_neuron_mask_reach.argtypes = [ctx_p, ctypes.POINTER(ctypes.c_uint8), ctypes.c_size_t]
+    lib.llama_get_neuron_mask_reach.restype = ctypes.c_int32
     return lib
 
 

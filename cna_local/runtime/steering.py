@@ -1,22 +1,29 @@
-"""Neuron steering on a llama_cpp.Llama: set a mask, change its strength live, clear it.
+"""Neuron steering on a llama_cpp.Llama: set masks, change their strength live, clear them.
 
-The mask lives in the llama context (patches/): per steered layer an [n_ff] F32 scale tensor on the
-layer's device, multiplied into the FFN activation right before the down projection, at every position.
-Changing only the multiplier rewrites those tensors in place (no model reload, no graph rebuild).
+The mask lives in the llama context (patches/): per layer an [n_ff] F32 scale tensor on the layer's
+device, multiplied into the FFN activation right before the down projection, at every position, in the
+layers that carry steered neurons. Changing only the strength rewrites those tensors in place (no model
+reload, no graph rebuild).
+
+One record says what is set: `NeuronSteering.state`, a `SteeringState` (the masks and multipliers it was
+made from, or raw entries, and the entries llama.cpp holds). Everything else (`mask`, `multiplier`,
+`scaled()`, saving and restoring around an evaluation) is derived from it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
 from ..errors import CnaLocalError
-from ..maskfile import check_multiplier
+from ..multipliers import check_multiplier
 from . import binding
+from .composition import compose
 
 if TYPE_CHECKING:
     import llama_cpp
@@ -48,13 +55,23 @@ def model_shape(llm: "llama_cpp.Llama") -> ModelShape:
     return ModelShape(arch, n_layer, n_ff, n_expert)
 
 
-def check_entries(shape: ModelShape, layers: np.ndarray, neurons: np.ndarray, scales: np.ndarray) -> None:
-    """Raise SteeringError naming the first bad entry; mirrors the C checks with better messages."""
-    if shape.n_expert > 0:
-        raise SteeringError(
-            f"this {shape.arch} model has a mixture-of-experts FFN ({shape.n_expert} experts); "
-            "neuron masks support dense FFNs only (Llama, Qwen2, Mistral, Gemma, Phi-3 ...)"
-        )
+def _layer_list(layers: Sequence[int]) -> str:
+    """0-3, 5, 7-9"""
+    runs: list[list[int]] = []
+    for il in sorted(set(int(x) for x in layers)):
+        if runs and il == runs[-1][1] + 1:
+            runs[-1][1] = il
+        else:
+            runs.append([il, il])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def check_entries(shape: ModelShape, layers: np.ndarray, neurons: np.ndarray, scales: np.ndarray,
+                  reachable: np.ndarray | None = None) -> None:
+    """Raise SteeringError naming the first bad entry; mirrors the C checks with better messages.
+
+    reachable: per layer, whether llama.cpp builds its FFN where the mask applies (None: not checked).
+    """
     if not (len(layers) == len(neurons) == len(scales)):
         raise SteeringError(f"layers, neurons and scales differ in length ({len(layers)}, {len(neurons)}, {len(scales)})")
     if len(layers) == 0:
@@ -63,6 +80,8 @@ def check_entries(shape: ModelShape, layers: np.ndarray, neurons: np.ndarray, sc
     if bad.size:
         i = int(bad[0])
         raise SteeringError(f"entry {i}: layer {layers[i]} is out of range: the model has {shape.n_layer} layers (0-{shape.n_layer - 1})")
+    if reachable is not None and not reachable[layers].all():
+        check_reachable(shape, reachable, layers)
     if shape.n_ff is not None:
         bad = np.flatnonzero((neurons < 0) | (neurons >= shape.n_ff))
         if bad.size:
@@ -82,11 +101,72 @@ def check_entries(shape: ModelShape, layers: np.ndarray, neurons: np.ndarray, sc
         raise SteeringError(f"layer {k >> 32}, neuron {k & 0xFFFFFFFF} appears more than once in the mask")
 
 
-class NeuronSteering:
-    """The neuron mask of one `llama_cpp.Llama`.
+def check_reachable(shape: ModelShape, reachable: np.ndarray, layers: np.ndarray) -> None:
+    """Raise SteeringError, by architecture and layer, when `layers` include layers llama.cpp cannot steer."""
+    wanted = np.unique(layers[~reachable[layers]])
+    if not wanted.size:
+        return
+    ok = np.flatnonzero(reachable)
+    these = f"layer{'s' if len(wanted) > 1 else ''} {_layer_list(wanted)}"
+    if shape.n_ff == 0:
+        why = f"this {shape.arch} model has no FFN (MLP) layers, so there are no neurons for a mask to scale"
+    elif not ok.size:
+        kind = f"a mixture-of-experts model ({shape.n_expert} experts)" if shape.n_expert > 0 else \
+            "a model whose FFNs llama.cpp builds outside build_ffn, where the mask applies"
+        why = f"this {shape.arch} model is {kind}: none of its {shape.n_layer} layers is one dense FFN a neuron mask can reach"
+    elif shape.n_expert > 0:
+        why = (f"this {shape.arch} model is a mixture-of-experts model ({shape.n_expert} experts) and {these} "
+               f"route{'' if len(wanted) > 1 else 's'} tokens through experts, not through one dense FFN: "
+               "a neuron mask cannot reach them")
+    else:
+        why = f"this {shape.arch} model builds the FFN of {these} outside llama.cpp's build_ffn, where the mask applies"
+    if ok.size:
+        fix = (f"Fix: neuron masks can steer only its dense layers ({_layer_list(ok)}); "
+               "make a mask that names only those (`cna-local attribute --layers`).")
+    else:
+        fix = "Fix: neuron masks need a dense-FFN model (Llama, Qwen2, Mistral, Gemma, Phi-3 ...)."
+    raise SteeringError(f"{why}. {fix}")
 
-    **Mutates the Llama**: every change resets its evaluated-token cache (`Llama.reset()`), since KV state
-    computed under the old strength would otherwise be reused for the prompt prefix.
+
+@dataclass(frozen=True, eq=False)
+class SteeringState:
+    """What is set on a context: nothing, masks at multipliers, or raw entries.
+
+    `masks`/`multipliers` say what the state was made from (empty for raw entries and for off);
+    `layers`/`neurons`/`scales` are what llama.cpp holds (empty when off). Two states with the same
+    `key` run the same computation, so KV state cached under one is valid under the other.
+    """
+
+    masks: tuple["NeuronMask", ...] = ()
+    multipliers: tuple[float, ...] = ()
+    layers: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    neurons: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    scales: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+
+    @property
+    def off(self) -> bool:
+        return len(self.layers) == 0
+
+    @property
+    def key(self) -> str:
+        """A digest of the entries llama.cpp holds ("" when off)."""
+        if self.off:
+            return ""
+        h = hashlib.sha256()
+        for array in (self.layers, self.neurons, self.scales):
+            h.update(np.ascontiguousarray(array).tobytes())
+        return h.hexdigest()
+
+
+OFF = SteeringState()
+
+
+class NeuronSteering:
+    """The neuron masks of one `llama_cpp.Llama`.
+
+    **Mutates the Llama**: every change of what is computed resets its evaluated-token cache
+    (`Llama.reset()`), since KV state computed under the old strength would otherwise be reused for the
+    prompt prefix; setting what is already set keeps it.
     Not thread-safe: do not change the mask while another thread generates with the same Llama.
     """
 
@@ -94,29 +174,105 @@ class NeuronSteering:
         self._lib = binding.lib()
         self._llm = llm
         self.shape = model_shape(llm)
-        self.mask: "NeuronMask | None" = None
         self._fingerprint = None
-        self._multiplier: float | None = None
+        self._reachable: np.ndarray | None = None
+        self._state: SteeringState = OFF
 
-    # -- the sparse form the C API takes
+    # -- what is set
+
+    @property
+    def state(self) -> SteeringState:
+        """What is set now; hand it to `restore()` to come back to it."""
+        return self._state
+
+    @property
+    def masks(self) -> tuple["NeuronMask", ...]:
+        return self._state.masks
+
+    @property
+    def mask(self) -> "NeuronMask | None":
+        """The mask file that is set, when exactly one is (None when off, for raw entries or several masks)."""
+        return self._state.masks[0] if len(self._state.masks) == 1 else None
+
+    @property
+    def multipliers(self) -> tuple[float, ...]:
+        return self._state.multipliers
+
+    @property
+    def multiplier(self) -> float | None:
+        """The strength of the one mask file that is set (None otherwise); setting it changes it live."""
+        return self._state.multipliers[0] if len(self._state.multipliers) == 1 else None
+
+    @multiplier.setter
+    def multiplier(self, value: float) -> None:
+        if len(self._state.masks) != 1:
+            what = "no mask is set: call set_mask(mask) first" if not self._state.masks else \
+                f"{len(self._state.masks)} masks are set: use set_multipliers([...]) with one value each"
+            raise SteeringError(what)
+        self.set_masks(self._state.masks, [check_multiplier(value)])
+
+    @property
+    def active(self) -> bool:
+        """Whether llama.cpp holds a mask now (read from the context)."""
+        return self._lib.llama_get_neuron_mask(self._llm.ctx, None, None, None, 0) > 0
+
+    # -- changing it
+
+    def set_mask(self, mask: "NeuronMask", multiplier: float | None = None) -> None:
+        """Apply a NeuronMask (see cna_local.maskfile) at `multiplier` (default: the mask's own)."""
+        self.set_masks([mask], [multiplier])
+
+    def set_masks(self, masks: Sequence["NeuronMask"], multipliers: Sequence[float | None] | None = None) -> None:
+        """Apply several masks at once, each at its multiplier (None: its own); where they name the same
+        neuron, their factors multiply. All at multiplier 1 is exactly the unsteered model."""
+        from ..fingerprint import fingerprint_from_gguf
+
+        masks = tuple(masks)
+        if not masks:
+            raise SteeringError("no mask given. Fix: pass at least one mask, or call clear() to switch steering off.")
+        multipliers = [None] * len(masks) if multipliers is None else list(multipliers)
+        if len(multipliers) != len(masks):
+            raise SteeringError(f"{len(masks)} masks but {len(multipliers)} multipliers: give one multiplier per mask.")
+        if self._fingerprint is None:  # the model file does not change under a live Llama
+            self._fingerprint = fingerprint_from_gguf(self._llm.model_path)
+        for mask in masks:
+            mask.check_matches(self._fingerprint, model_label=self._llm.model_path)
+        values = tuple(check_multiplier(m.multiplier if v is None else v) for m, v in zip(masks, multipliers))
+        layers, neurons, scales = compose(masks, values)
+        self._apply(SteeringState(masks, values, layers, neurons, scales))
+
+    def set_multipliers(self, multipliers: Sequence[float | None]) -> None:
+        """New strengths for the masks that are set, one per mask, in their order."""
+        if not self._state.masks:
+            raise SteeringError("no mask is set: call set_mask(mask) or set_masks([...]) first")
+        self.set_masks(self._state.masks, multipliers)
 
     def set_entries(self, layers, neurons, scales) -> None:
-        """Scale neuron `neurons[i]` of layer `layers[i]` by `scales[i]`; replaces any previous mask."""
+        """Scale neuron `neurons[i]` of layer `layers[i]` by `scales[i]`; replaces what is set."""
         layers = np.ascontiguousarray(layers, dtype=np.int32)
         neurons = np.ascontiguousarray(neurons, dtype=np.int32)
         scales = np.ascontiguousarray(scales, dtype=np.float32)
-        check_entries(self.shape, layers, neurons, scales)
-        i32p = ctypes.POINTER(ctypes.c_int32)
-        rc = self._lib.llama_set_neuron_mask(
-            self._llm.ctx,
-            layers.ctypes.data_as(i32p),
-            neurons.ctypes.data_as(i32p),
-            scales.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-            len(layers),
-        )
-        if rc != 0:
-            raise SteeringError(f"llama.cpp refused the neuron mask: {binding.STATUS_MESSAGES.get(rc, f'error {rc}')}")
-        self._invalidate_cache()
+        check_entries(self.shape, layers, neurons, scales, self.reachable())
+        order = np.lexsort((neurons, layers))
+        self._apply(SteeringState((), (), layers[order], neurons[order], scales[order]))
+
+    def clear(self) -> None:
+        """Switch steering off; the model runs exactly as without the patch."""
+        self._apply(OFF)
+
+    def restore(self, state: SteeringState) -> None:
+        """Set again what `state` (from `.state`) describes."""
+        self._apply(state)
+
+    @contextmanager
+    def scaled(self, *multipliers: float) -> Iterator["NeuronSteering"]:
+        """Temporarily run the masks that are set at other strengths: `with steering.scaled(0): ...`."""
+        saved = self._state
+        self.set_multipliers(multipliers)
+        try:
+            yield self
+        finally:
+            self.restore(saved)
 
     def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Read the mask back from llama.cpp: (layers, neurons, scales), sorted by layer then neuron."""
@@ -135,52 +291,40 @@ class NeuronSteering:
             )
         return layers, neurons, scales
 
-    # -- mask files
+    def reachable(self) -> np.ndarray:
+        """Per layer, whether llama.cpp builds its FFN where a mask applies (found once per context)."""
+        if self._reachable is None:
+            out = np.zeros(self.shape.n_layer, np.uint8)
+            rc = self._lib.llama_get_neuron_mask_reach(
+                self._llm.ctx, out.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), len(out))
+            if rc < 0:
+                raise SteeringError(f"llama.cpp could not find the layers a mask reaches: {binding.status_message(rc)}")
+            self._reachable = out[:rc].astype(bool)
+        return self._reachable
 
-    def set_mask(self, mask: "NeuronMask", multiplier: float | None = None) -> None:
-        """Apply a NeuronMask (see cna_local.maskfile) at `multiplier` (default: the mask's own)."""
-        from ..fingerprint import fingerprint_from_gguf
+    # -- the one place that talks to llama.cpp
 
-        if self._fingerprint is None:  # the model file does not change under a live Llama
-            self._fingerprint = fingerprint_from_gguf(self._llm.model_path)
-        mask.check_matches(self._fingerprint, model_label=self._llm.model_path)
-        m = check_multiplier(mask.multiplier if multiplier is None else multiplier)
-        self.set_entries(mask.layers, mask.neurons, mask.scales_for(m))
-        self.mask, self._multiplier = mask, m
-
-    @property
-    def multiplier(self) -> float | None:
-        """The strength of the current mask file (None when off or set from raw entries)."""
-        return self._multiplier
-
-    @multiplier.setter
-    def multiplier(self, value: float) -> None:
-        if self.mask is None:
-            raise SteeringError("no mask is set: call set_mask(mask) first")
-        m = check_multiplier(value)
-        # same layers, new values: llama.cpp rewrites the scale tensors in place
-        self.set_entries(self.mask.layers, self.mask.neurons, self.mask.scales_for(m))
-        self._multiplier = m
-
-    @contextmanager
-    def scaled(self, multiplier: float) -> Iterator["NeuronSteering"]:
-        """Temporarily use another multiplier: `with steering.scaled(0): ...`."""
-        old = self._multiplier
-        self.multiplier = multiplier
-        try:
-            yield self
-        finally:
-            self.multiplier = old
-
-    def clear(self) -> None:
-        """Switch steering off; the model runs exactly as without the patch."""
-        self._lib.llama_clear_neuron_mask(self._llm.ctx)
-        self.mask, self._multiplier = None, None
+    def _apply(self, state: SteeringState) -> None:
+        if state.key == self._state.key:
+            self._state = state  # the same computation: cached KV state stays valid
+            return
+        if state.off:
+            self._lib.llama_clear_neuron_mask(self._llm.ctx)
+        else:
+            reachable = self.reachable()
+            check_entries(self.shape, state.layers, state.neurons, state.scales, reachable)
+            i32p = ctypes.POINTER(ctypes.c_int32)
+            rc = self._lib.llama_set_neuron_mask(
+                self._llm.ctx,
+                state.layers.ctypes.data_as(i32p),
+                state.neurons.ctypes.data_as(i32p),
+                state.scales.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                len(state.layers),
+            )
+            if rc != 0:
+                raise SteeringError(f"llama.cpp refused the neuron mask: {binding.status_message(rc)}")
+        self._state = state
         self._invalidate_cache()
-
-    @property
-    def active(self) -> bool:
-        return self._lib.llama_get_neuron_mask(self._llm.ctx, None, None, None, 0) > 0
 
     def _invalidate_cache(self) -> None:
         # llama-cpp-python reuses the evaluated prefix between calls; that state was computed under the
