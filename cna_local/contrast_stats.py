@@ -21,7 +21,7 @@ import numpy as np
 from .activations import ActivationStats, collect_activations
 from .loading import LoadedModel
 from .prompts import PromptSet
-from .vendor import cache_dir
+from .cache import cache_dir
 
 log = logging.getLogger(__name__)
 

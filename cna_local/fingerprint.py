@@ -10,12 +10,14 @@ every quantized GGUF of it, yet differs between two models of the same shape.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
+from .cache import cache_dir, file_key, write_atomic
 from .errors import CnaLocalError
 
 if TYPE_CHECKING:
@@ -99,11 +101,31 @@ def fingerprint_from_model(model, layers=None) -> Fingerprint:
     )
 
 
-def fingerprint_from_gguf(path: str | Path) -> Fingerprint:
-    """Fingerprint of a GGUF model file, read with gguf.GGUFReader (no weights are dequantized but the norms)."""
+def fingerprint_from_gguf(path: str | Path, use_cache: bool = True) -> Fingerprint:
+    """Fingerprint of a GGUF model file, read with gguf.GGUFReader (no weights are dequantized but the norms).
+
+    GGUFReader takes seconds on a large vocabulary (8 s for the default model on 2 cores), so the result is
+    cached per file (path, size and modification time) in the cna-local cache.
+    """
+    path = Path(path)
+    entry = cache_dir() / "fingerprints" / f"{file_key(path)}.json" if use_cache and path.is_file() else None
+    if entry is not None and entry.is_file():
+        try:
+            return Fingerprint(**json.loads(entry.read_text()))
+        except (OSError, ValueError, TypeError):
+            pass  # a damaged entry: compute it again
+    fingerprint = _read_fingerprint(path)
+    if entry is not None:
+        try:
+            write_atomic(entry, json.dumps(asdict(fingerprint)).encode())
+        except OSError:
+            pass  # a read-only cache costs time, not correctness
+    return fingerprint
+
+
+def _read_fingerprint(path: Path) -> Fingerprint:
     import gguf
 
-    path = Path(path)
     try:
         reader = gguf.GGUFReader(path)
     except Exception as exc:  # GGUFReader raises ValueError, struct.error, IndexError... on junk

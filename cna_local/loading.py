@@ -8,8 +8,8 @@ file's path, size and modification time.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import CnaLocalError
-from .vendor import cache_dir
+from .cache import cache_dir, file_key
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +115,7 @@ def dequantized_cache_dir() -> Path:
 
 
 def _gguf_cache_entry(gguf_path: Path) -> Path:
-    # Path + size + mtime instead of a content hash: hashing a multi-GB file would
-    # cost seconds on every load, and a changed file changes its mtime.
-    st = gguf_path.stat()
-    key = f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    return dequantized_cache_dir() / hashlib.sha256(key.encode()).hexdigest()[:24]
+    return dequantized_cache_dir() / file_key(gguf_path)
 
 
 def _load_hf_dir(directory: Path, dtype: torch.dtype):
@@ -130,18 +126,54 @@ def _load_hf_dir(directory: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, use_cache: bool):
+def _load_gguf(path: Path, dtype: torch.dtype, use_cache: bool, progress: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .progress import step
 
     entry = _gguf_cache_entry(path)
     if use_cache and (entry / "complete.json").is_file():
         log.info("loading dequantized weights of %s from cache %s", path, entry)
-        return _load_hf_dir(entry, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        with step(f"loading the cached float32 weights of {path.name}", progress):
+            return _load_hf_dir(entry, dtype)
+    # transformers parses the GGUF's metadata (a 150k-token vocabulary: ~10 s on 2 cores) for the tokenizer,
+    # again for the config and again for the tensors, silently: say what runs and for how long
+    once = " (first load only)" if use_cache else ""
+    with step(f"reading the tokenizer from {path.name}{once}", progress):
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    with step(f"converting {path.name} to float32 torch weights{once}", progress), _quiet_transformers_bars(progress):
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     if use_cache:
-        _write_cache(entry, path, model, tokenizer)
+        with step("caching the float32 weights for later runs", progress):
+            _write_cache(entry, path, model, tokenizer)
     return model.to(dtype), tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_transformers_bars(enabled: bool):
+    """Silence transformers' own bars inside a step that shows its own line: they start half-way through
+    the step (after ~20 s of silent metadata parsing) and would interleave with it."""
+    if not enabled:
+        yield
+        return
+    import functools
+    from unittest import mock
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights"
+    try:
+        if hasattr(gguf_utils, "tqdm"):  # "Converting and de-quantizing GGUF tensors..."
+            with mock.patch.object(gguf_utils, "tqdm", functools.partial(tqdm, disable=True)):
+                yield
+        else:
+            yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _save_dequantized(model: nn.Module, directory: Path) -> None:
@@ -187,8 +219,12 @@ def _write_cache(entry: Path, source: Path, model: nn.Module, tokenizer) -> None
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, use_cache: bool = True) -> LoadedModel:
-    """Load a causal LM for attribution from a HF directory or a .gguf file (CPU, float32 by default)."""
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, use_cache: bool = True,
+               progress: bool = False) -> LoadedModel:
+    """Load a causal LM for attribution from a HF directory or a .gguf file (CPU, float32 by default).
+
+    progress: show each slow step of a GGUF load on stderr, with its elapsed time.
+    """
     path = Path(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -201,7 +237,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, use_cache: 
     else:
         raise ModelLoadError(f"{path} does not exist. Fix: pass a Hugging Face model directory or a .gguf file.")
     try:
-        model, tokenizer = _load_gguf(path, dtype, use_cache) if is_gguf else _load_hf_dir(path, dtype)
+        model, tokenizer = _load_gguf(path, dtype, use_cache, progress) if is_gguf else _load_hf_dir(path, dtype)
     except CnaLocalError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

@@ -165,6 +165,9 @@ class NeuronMask:
 
 
 def _validate_entries(mask: NeuronMask, source: str) -> None:
+    for what in ("n_layer", "n_ff", "n_embd"):
+        if not 0 < getattr(mask, what) < 2**31:
+            raise MaskFileError(f"{source}: {what} is {getattr(mask, what)}, not a model dimension. Fix: re-run `cna-local attribute`.")
     n = len(mask.layers)
     if not (len(mask.neurons) == len(mask.scores) == n) or (mask.scales is not None and len(mask.scales) != n):
         raise MaskFileError(f"{source}: layers, neurons, scores (and scales) differ in length.")
@@ -212,11 +215,21 @@ def _open_reader(path: Path):
     return reader
 
 
+def _contents(reader, key: str, path: Path):
+    """A key's value, or None when absent; text that is not UTF-8 is a damaged file, not a crash."""
+    f = reader.get_field(key)
+    if f is None:
+        return None
+    try:
+        return f.contents()
+    except (UnicodeDecodeError, ValueError, IndexError) as exc:
+        raise MaskFileError(f"{path}: the value of '{key}' cannot be read ({type(exc).__name__}: {exc}); the file is damaged. "
+                            "Fix: make the mask again with `cna-local attribute`.") from None
+
+
 def _describe_other_gguf(reader, path: Path) -> str:
-    gtype = reader.get_field("general.type")
-    gtype = gtype.contents() if gtype is not None else None
-    adapter = reader.get_field("adapter.type")
-    adapter = adapter.contents() if adapter is not None else None
+    gtype = _contents(reader, "general.type", path)
+    adapter = _contents(reader, "adapter.type", path)
     if gtype == "adapter" and adapter:
         return f"{path} is a {adapter} adapter (adapter.type = {adapter!r}), not a neuron mask"
     if gtype in (None, "model") and any(t.name == "token_embd.weight" for t in reader.tensors):
@@ -224,13 +237,26 @@ def _describe_other_gguf(reader, path: Path) -> str:
     return f"{path} is a GGUF file of type {gtype!r}, not a neuron mask"
 
 
+def _value_types():
+    import gguf
+
+    v = gguf.GGUFValueType
+    integers = {v.UINT8, v.INT8, v.UINT16, v.INT16, v.UINT32, v.INT32, v.UINT64, v.INT64}
+    return {int: integers, float: {v.FLOAT32, v.FLOAT64}, str: {v.STRING}}
+
+
+_TYPE_NAMES = {int: "an integer", float: "a float", str: "a string"}
+
+
 def read_mask(path: str | Path) -> NeuronMask:
     """Read and validate a mask file; every problem raises MaskFileError naming the file."""
+    import gguf
+
     path = Path(path)
     reader = _open_reader(path)
+    value_types = _value_types()
 
-    if reader.get_field("general.type") is None or reader.get_field("general.type").contents() != "adapter" \
-            or reader.get_field("adapter.type") is None or reader.get_field("adapter.type").contents() != ADAPTER_TYPE:
+    if _contents(reader, "general.type", path) != "adapter" or _contents(reader, "adapter.type", path) != ADAPTER_TYPE:
         message = _describe_other_gguf(reader, path)
         raise MaskFileError(message if "Fix:" in message else message + ". Fix: pass a mask made by `cna-local attribute`.")
 
@@ -240,18 +266,24 @@ def read_mask(path: str | Path) -> NeuronMask:
             return default
         if f is None:
             raise MaskFileError(f"{path} has no '{key}' entry; the mask file is incomplete. Fix: make it again with `cna-local attribute`.")
-        try:
-            return kind(f.contents())
-        except (TypeError, ValueError):
-            raise MaskFileError(f"{path}: '{key}' has the wrong type ({f.contents()!r}). Fix: make it again with `cna-local attribute`.") from None
+        stored = f.types[0] if len(f.types) == 1 else None  # an array has more than one type
+        if stored not in value_types[kind]:
+            found = "an array" if f.types and f.types[0] == gguf.GGUFValueType.ARRAY else getattr(stored, "name", "?")
+            raise MaskFileError(f"{path}: '{key}' is stored as {found}, not as {_TYPE_NAMES[kind]}; the file is damaged or was "
+                                "not written by cna-local. Fix: make it again with `cna-local attribute`.")
+        return kind(_contents(reader, key, path))
 
     version = value(KEY_PREFIX + "version", int)
+    if version < 1:
+        raise MaskFileError(f"{path} says it is a version {version} mask; mask versions start at 1. The file is damaged. Fix: make it again with `cna-local attribute`.")
     if version > FORMAT_VERSION:
         raise MaskFileError(f"{path} is a version {version} mask; this cna-local reads up to version {FORMAT_VERSION}. Fix: upgrade cna-local.")
     try:
         selection = json.loads(value(KEY_PREFIX + "selection", str, default="") or "{}")
     except json.JSONDecodeError:
         raise MaskFileError(f"{path}: the selection entry is not valid JSON. Fix: make the mask again with `cna-local attribute`.") from None
+    if not isinstance(selection, dict):
+        raise MaskFileError(f"{path}: the selection entry is {type(selection).__name__} JSON, not an object. Fix: make the mask again with `cna-local attribute`.")
 
     # Informational strings are optional: GGUFWriter silently skips empty strings.
     per_layer: dict[int, dict[str, np.ndarray]] = {}
@@ -263,6 +295,11 @@ def read_mask(path: str | Path) -> NeuronMask:
         expected = "I32" if kind == "idx" else "F32"
         if tensor.tensor_type.name != expected:
             raise MaskFileError(f"{path}: tensor '{tensor.name}' is {tensor.tensor_type.name}, expected {expected}. Fix: make the mask again with `cna-local attribute`.")
+        if len(tensor.shape) != 1:
+            raise MaskFileError(f"{path}: tensor '{tensor.name}' has {len(tensor.shape)} dimensions ({[int(d) for d in tensor.shape]}); "
+                                "mask tensors are 1-D. Fix: make the mask again with `cna-local attribute`.")
+        if kind in per_layer.get(layer, {}):
+            raise MaskFileError(f"{path} holds tensor '{tensor.name}' twice. Fix: make the mask again with `cna-local attribute`.")
         per_layer.setdefault(layer, {})[kind] = np.array(tensor.data).reshape(-1)
 
     layers, neurons, scores, scales = [], [], [], []
@@ -293,7 +330,7 @@ def read_mask(path: str | Path) -> NeuronMask:
     empty = np.zeros(0, np.int32)
     meta = {
         "version": version,
-        "name": reader.get_field("general.name").contents() if reader.get_field("general.name") else "",
+        "name": value("general.name", str, default=""),
         "prompts_sha256": value(KEY_PREFIX + "prompts_sha256", str, default=""),
         "selection": selection,
         "tool_version": value(KEY_PREFIX + "tool_version", str, default=""),
@@ -315,3 +352,5 @@ def read_mask(path: str | Path) -> NeuronMask:
         )
     except MaskFileError as exc:
         raise MaskFileError(str(exc).replace("this mask", str(path), 1)) from None
+    except CnaLocalError as exc:  # a bad multiplier
+        raise MaskFileError(f"{path}: {exc}") from None

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CnaLocalError
-from .vendor import cache_dir, sha256_file
+from .cache import cache_dir, sha256_file
 
 
 class ModelNotFoundError(CnaLocalError):

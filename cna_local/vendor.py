@@ -3,14 +3,13 @@
 One pinned sdist gives everyone the same llama.cpp: the tests convert tiny
 models with its ``convert_hf_to_gguf.py`` and the build patches a copy of it.
 
-This file imports nothing from ``cna_local`` because the build runs it by path
-(``python cna_local/vendor.py --print-root``) before the package is installed.
+The build runs this file by path (``python cna_local/vendor.py --print-root``) before the package is
+installed, so it imports only ``cache.py``, which imports nothing from the package either.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import subprocess
@@ -19,6 +18,11 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+try:
+    from .cache import cache_dir, sha256_file
+except ImportError:  # run by path from the build: cna_local/ is sys.path[0]
+    from cache import cache_dir, sha256_file
+
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
@@ -26,24 +30,6 @@ SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 
 class VendorError(RuntimeError):
     """The pinned llama.cpp sources could not be fetched or verified."""
-
-
-def cache_dir() -> Path:
-    """Where cna-local keeps downloads: $CNA_LOCAL_CACHE, else $XDG_CACHE_HOME/cna-local, else ~/.cache/cna-local."""
-    explicit = os.environ.get("CNA_LOCAL_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "cna-local"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _download_sdist(dest_dir: Path) -> Path:

@@ -47,3 +47,20 @@ def test_a_mask_file_is_not_a_model(tmp_path):
     path = NeuronMask("llama", 2, 8, 4, "ab" * 32, "m", [0], [1], [1.0]).save(tmp_path / "mask.gguf")
     with pytest.raises(FingerprintError, match="mask.gguf has no 'llama.block_count' metadata"):
         fingerprint_from_gguf(path)
+
+
+def test_a_gguf_fingerprint_is_read_once_per_file_version(tiny_gguf, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from cna_local import fingerprint as F
+
+    path = tmp_path / "model.gguf"
+    shutil.copy(tiny_gguf("llama", "f32"), path)
+    first = fingerprint_from_gguf(path)
+    monkeypatch.setattr(F, "_read_fingerprint", lambda p: pytest.fail("read the file again"))
+    assert fingerprint_from_gguf(path) == first  # from the cache
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # the file changed: the cache entry no longer applies
+    with pytest.raises(pytest.fail.Exception, match="read the file again"):
+        fingerprint_from_gguf(path)

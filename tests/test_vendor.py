@@ -2,15 +2,16 @@
 
 import pytest
 
-from cna_local import vendor
+from cna_local import cache, vendor
 
 
 def test_cache_dir_prefers_cna_local_cache_then_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("CNA_LOCAL_CACHE", str(tmp_path / "explicit"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert vendor.cache_dir() == tmp_path / "explicit"
+    assert cache.cache_dir() == tmp_path / "explicit"
     monkeypatch.delenv("CNA_LOCAL_CACHE")
-    assert vendor.cache_dir() == tmp_path / "xdg" / "cna-local"
+    assert cache.cache_dir() == tmp_path / "xdg" / "cna-local"
+    assert vendor.cache_dir is cache.cache_dir  # the build's copy of the sources goes to the same place
 
 
 def test_a_corrupt_sdist_is_refused_with_the_fix(tmp_path):

@@ -99,7 +99,7 @@ def _run(model_spec, positive, negative, field, top_fraction, top_k, score_metho
     parse_layer_spec(layers)
     check_multiplier(multiplier)
     check_threshold(universal_threshold)
-    model_path = resolve_model(model_spec)
+    model_path = resolve_model(model_spec, progress=(lambda m: click.echo(f"      {m}", err=True)) if progress else None)
     if out.resolve() == model_path.resolve():
         raise CnaLocalError(f"--out {out} is the model file itself. Fix: write the mask to another file.")
     if not out.parent.is_dir():
@@ -109,7 +109,7 @@ def _run(model_spec, positive, negative, field, top_fraction, top_k, score_metho
     contrasts = load_contrast_pairs() if universal_filter else None
 
     t0 = time.perf_counter()
-    loaded = load_model(model_path, use_cache=use_cache)
+    loaded = load_model(model_path, use_cache=use_cache, progress=progress)
     load_seconds = time.perf_counter() - t0
 
     options = AttributionOptions(

@@ -68,7 +68,7 @@ def _run(model_spec, out_dir: Path, multipliers, limit, score_method: str, examp
 
     say(f"[1/3] attribution on {model_path.name} (bundled harmful_train vs benign_train)")
     t0 = time.perf_counter()
-    loaded = load_model(model_path)
+    loaded = load_model(model_path, progress=progress)
     options = AttributionOptions(score=score_method, progress=progress)
     result = attribute(loaded, load_bundled("harmful_train"), load_bundled("benign_train"), options)
     mask = result.mask
