@@ -9,6 +9,7 @@ from .commands.attribute import attribute
 from .commands.demo import demo
 from .commands.eval import eval_command
 from .commands.inspect import inspect
+from .commands.serve import serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,6 +35,7 @@ cli.add_command(attribute)
 cli.add_command(inspect)
 cli.add_command(eval_command)
 cli.add_command(demo)
+cli.add_command(serve)
 
 
 if __name__ == "__main__":

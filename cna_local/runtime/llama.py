@@ -57,6 +57,7 @@ class SteeredLlama(llama_cpp.Llama):
         kwargs.setdefault("verbose", False)
         self._exact_len = 0  # leading cached tokens evaluated as prompt, in micro-batches from a boundary
         self._prompt_len = 0  # the prompt generate() is evaluating, until it is
+        self.last_reused = 0  # prompt tokens the last generate() took from the KV cache
         super().__init__(model_path=str(model_path), **kwargs)
         # micro-batches start at every n_batch chunk and every n_ubatch inside it
         self.prefix_unit = self.n_batch if self.n_batch % self.context_params.n_ubatch else self.context_params.n_ubatch
@@ -80,7 +81,7 @@ class SteeredLlama(llama_cpp.Llama):
     def generate(self, tokens, *args, **kwargs):
         tokens = list(tokens)
         if kwargs.get("reset", True):
-            keep = self.reusable_prefix(tokens)
+            keep = self.last_reused = self.reusable_prefix(tokens)
             if keep == 0:
                 self.reset()
             else:

@@ -1,0 +1,120 @@
+"""One model, one thread: every request runs on the same SteeredLlama, one at a time, in arrival order.
+
+A request brings the multiplier of every mask. The worker sets them (composed into one neuron mask) before
+it generates; when they equal what is set, nothing changes and the cached prompt prefix is reused, else the
+cache is dropped (NeuronSteering), so a prefix computed at one strength never serves another.
+
+Streams are produced on the worker thread and handed to the event loop chunk by chunk. A client that goes
+away stops its generation at the next token, and the next request starts only after that: the model is
+never used by two requests at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterator
+
+import llama_cpp
+
+from ..runtime import SteeredLlama
+from .masks import MaskRegistry, echo
+
+_END = object()
+
+
+@dataclass
+class Job:
+    method: str  # "create_chat_completion" or "create_completion"
+    kwargs: dict
+    multipliers: list[float]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class ModelWorker:
+    def __init__(self, llm: SteeredLlama, registry: MaskRegistry):
+        self.llm = llm
+        self.registry = registry
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cna-serve-model")
+        self.history: list[tuple[str, list[float]]] = []  # (method, multipliers) of every job, for tests and logs
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    # -- on the worker thread
+
+    def _steer(self, multipliers: list[float]) -> None:
+        masks = self.registry.masks()
+        if masks:
+            self.llm.steering.set_masks(masks, multipliers)  # a no-op when it is already what is set
+
+    def _extras(self, job: Job, timings: dict) -> dict:
+        return {"neuron_masks": echo(job.multipliers), "timings": timings}
+
+    def _timed(self, job: Job, call: Callable[[], Any]) -> tuple[Any, Callable[[], dict]]:
+        before = llama_cpp.llama_perf_context(self.llm.ctx)
+        started = time.perf_counter()
+
+        def timings() -> dict:
+            after = llama_cpp.llama_perf_context(self.llm.ctx)
+            return {
+                "cache_n": self.llm.last_reused,  # prompt tokens taken from the KV cache
+                "prompt_n": after.n_p_eval - before.n_p_eval,
+                "prompt_ms": round(after.t_p_eval_ms - before.t_p_eval_ms, 3),
+                "predicted_n": after.n_eval - before.n_eval,
+                "predicted_ms": round(after.t_eval_ms - before.t_eval_ms, 3),
+                "total_ms": round((time.perf_counter() - started) * 1000, 3),
+            }
+
+        self.history.append((job.method, list(job.multipliers)))
+        self._steer(job.multipliers)
+        return call(), timings
+
+    def _run(self, job: Job) -> dict:
+        result, timings = self._timed(job, lambda: getattr(self.llm, job.method)(**job.kwargs))
+        return {**result, **self._extras(job, timings())}
+
+    def _stream(self, job: Job, push: Callable[[Any], None]) -> None:
+        try:
+            chunks, timings = self._timed(job, lambda: getattr(self.llm, job.method)(stream=True, **job.kwargs))
+            chunks: Iterator[dict]
+            previous = None
+            for chunk in chunks:
+                if job.cancelled.is_set():
+                    break
+                if previous is not None:
+                    push({**previous, "neuron_masks": echo(job.multipliers)})
+                previous = chunk
+            if previous is not None and not job.cancelled.is_set():
+                push({**previous, **self._extras(job, timings())})  # the last chunk carries the timings
+            chunks.close()
+        except BaseException as exc:  # handed to the event loop, raised there
+            push(exc)
+        finally:
+            push(_END)
+
+    # -- on the event loop
+
+    async def run(self, job: Job) -> dict:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._run, job)
+
+    async def stream(self, job: Job) -> AsyncIterator[dict]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        done = loop.run_in_executor(self._executor, self._stream, job,
+                                    lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            job.cancelled.set()  # a client that left: stop at the next token
+            await asyncio.shield(done)
