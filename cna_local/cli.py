@@ -6,6 +6,7 @@ import click
 
 from . import __version__
 from .commands.attribute import attribute
+from .commands.chat import chat
 from .commands.demo import demo
 from .commands.eval import eval_command
 from .commands.inspect import inspect
@@ -27,6 +28,12 @@ def cli() -> None:
          cna-local eval --model model.gguf --mask refusal.gguf --plot eval.png
 
     Or all of it at once on the default model: `cna-local demo`.
+
+    \b
+    Then use it where you chat:
+      cna-local serve --model model.gguf --mask refusal.gguf   (OpenAI API + page)
+      cna-local chat  --model model.gguf --mask refusal.gguf   (terminal)
+
     Start with `cna-local demo --help` or `cna-local attribute --help`.
     """
 
@@ -36,6 +43,7 @@ cli.add_command(inspect)
 cli.add_command(eval_command)
 cli.add_command(demo)
 cli.add_command(serve)
+cli.add_command(chat)
 
 
 if __name__ == "__main__":

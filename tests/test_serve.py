@@ -49,11 +49,11 @@ def files(tiny_gguf, tmp_path_factory):
     return {"model": model, "a": d / "a.gguf", "b": d / "b.gguf", "other": d / "other.gguf"}
 
 
-def build_app(files, api_key=None):
+def build_app(files, api_key=None, logprobs=False):
     from cna_local.commands.serve import _build
 
     return _build(str(files["model"]), [files["a"], files["b"]], api_key, "tiny", SETTINGS["n_ctx"],
-                  SETTINGS["n_ubatch"], SETTINGS["n_threads"], -1, None)
+                  SETTINGS["n_ubatch"], SETTINGS["n_threads"], -1, None, logprobs)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_answers_streamed_or_not_equal_the_librarys_at_that_strength(server, fil
     assert content(plain) == text == want
     # the response says what it ran with, beside usage; every chunk of a stream too
     assert plain["neuron_masks"] == [{"id": 0, "multiplier": -1.0}, {"id": 1, "multiplier": B_DEFAULT}]
-    assert "usage" in plain and plain["timings"]["predicted_n"] >= 0
+    assert "usage" in plain and plain["timings"]["prompt_n"] >= 1 and plain["timings"]["total_ms"] > 0
     assert all(c["neuron_masks"] == plain["neuron_masks"] for c in chunks)
 
 
@@ -163,7 +163,7 @@ def test_requests_at_the_same_strength_reuse_the_prefix_and_answer_the_same(serv
     second = client.post("/v1/chat/completions", json=chat("Name a lake.")).json()  # the same system prompt
     assert first["timings"]["cache_n"] == 0 or first["timings"]["cache_n"] % SETTINGS["n_ubatch"] == 0
     assert second["timings"]["cache_n"] >= SETTINGS["n_ubatch"]  # the shared system prompt came from the cache
-    assert second["timings"]["prompt_n"] < second["usage"]["prompt_tokens"]
+    assert second["timings"]["prompt_n"] + second["timings"]["cache_n"] == second["usage"]["prompt_tokens"]
     assert content(second) == fresh(files, ([A_DEFAULT, B_DEFAULT], "create_chat_completion", chat("Name a lake.")))[0]
 
 
@@ -268,6 +268,17 @@ def test_a_prompt_longer_than_the_context_is_a_400(server):
     client, _ = server
     r = client.post("/v1/completions", json={"prompt": "word " * 2000, "max_tokens": 4})
     assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+
+
+def test_logprobs_need_the_server_started_with_logprobs(server, files):
+    from fastapi.testclient import TestClient
+
+    client, _ = server
+    r = client.post("/v1/chat/completions", json={**chat("Hi."), "logprobs": True, "top_logprobs": 2})
+    assert r.status_code == 400 and "--logprobs" in r.json()["error"]["message"]
+    with TestClient(build_app(files, logprobs=True)) as c:
+        r = c.post("/v1/completions", json={"prompt": "Once upon", "max_tokens": 3, "logprobs": 2, "temperature": 0.0})
+        assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["top_logprobs"]) == 3
 
 
 def test_the_api_key_is_enforced_when_set(files):

@@ -223,6 +223,15 @@ def survey_archs(bin_dir: Path, out_md: Path | None) -> dict:
     return {"name": "architecture survey", "passed": len(rows) - len(errors), "total": len(rows), "ok": True}
 
 
+# From reading the pinned tree (src/models/*.cpp): architectures whose FFN never reaches build_ffn with a
+# down weight of width n_ff (custom FFNs, experts only, no FFN). The survey checks those test-llama-archs
+# builds; the rest are listed from the source.
+SOURCE_NONE = ("apertus", "gemma3n", "graniteswitch", "kimi-k3", "rwkv6", "rwkv7", "bitnet", "dbrx", "olmoe", "gpt-oss",
+               "minimax-01", "minimax-m2", "smallthinker", "llada-moe", "rnd1", "qwen3moe", "qwen3vlmoe", "phimoe",
+               "maple", "mellum", "grovemoe", "mamba", "mamba2", "clip", "qwen2moe", "qwen3next", "qwen35moe",
+               "qwen4exp", "deepseek4", "bailingmoe", "hunyuan-moe", "nemotron_h_moe")
+
+
 def _arch_markdown(full, partial, none, errors) -> str:
     def names(rs):
         return ", ".join(sorted({r["file"].removesuffix(".gguf") for r in rs})) or "(none)"
@@ -247,6 +256,16 @@ def _arch_markdown(full, partial, none, errors) -> str:
         idx = [i for i, ok in enumerate(r["reach"]) if ok]
         lines.append(f"| {r['file'].removesuffix('.gguf')} | {', '.join(map(str, idx))} | {len(r['reach'])} |")
     lines += ["", f"**No layer reachable** ({len(none)}; refused with the architecture's name): {names(none)}", ""]
+    probed = {r["file"].rsplit("-", 1)[0] for r in full + partial + none + errors}
+    unprobed = [a for a in SOURCE_NONE if a not in probed]
+    lines += [f"**Not built by test-llama-archs; from reading the source, no dense FFN a mask can reach** "
+              f"({len(unprobed)}): {', '.join(unprobed)}. The probe refuses them the same way when a model is loaded.",
+              "",
+              "Caveats from the source: in MoE layers with a shared expert built by `build_ffn` (DeepSeek-style),",
+              "the layer still counts as unreachable (its output is not one dense FFN); `qwen` (v1) feeds `n_ff/2`",
+              "values to its down projection, so no mask of width `n_ff` applies; `bitnet` normalizes before a down",
+              "projection of its own. Architectures whose FFN width differs by layer (deci, openelm, gemma4, plamo3)",
+              "are steered in the C API, but cna-local's mask file and attribution need one `n_ff`.", ""]
     if errors:
         lines += [f"**Not loadable by llama-cpp-python here** ({len(errors)}):", ""]
         lines += [f"- {r['file']}: {r['error']}" for r in errors]

@@ -29,12 +29,14 @@ from ..errors import CnaLocalError
               help="CPU threads for llama.cpp.  [default: llama-cpp-python's, half the cores]")
 @click.option("--n-gpu-layers", type=int, default=-1, show_default=True, metavar="N",
               help="Layers to offload to the GPU in a CUDA or Metal build (-1: all; a CPU build ignores it).")
+@click.option("--logprobs", is_flag=True,
+              help="Keep every token's logits so that requests may ask for logprobs (slower prompt processing).")
 @click.option("--chat-format", default=None, metavar="NAME",
               help="llama-cpp-python chat format.  [default: the GGUF's own chat template]")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn's log level.")
-def serve(model_spec, mask_paths, host, port, api_key, alias, n_ctx, n_ubatch, threads, n_gpu_layers, chat_format,
-          log_level):
+def serve(model_spec, mask_paths, host, port, api_key, alias, n_ctx, n_ubatch, threads, n_gpu_layers, logprobs,
+          chat_format, log_level):
     """Serve MODEL with an OpenAI-compatible API, neuron masks and a chat page.
 
     Every request may set the strength of each mask for itself, with an
@@ -56,7 +58,7 @@ def serve(model_spec, mask_paths, host, port, api_key, alias, n_ctx, n_ubatch, t
       cna-local serve --model default --mask refusal.gguf --port 8080
     """
     try:
-        app = _build(model_spec, mask_paths, api_key, alias, n_ctx, n_ubatch, threads, n_gpu_layers, chat_format)
+        app = _build(model_spec, mask_paths, api_key, alias, n_ctx, n_ubatch, threads, n_gpu_layers, chat_format, logprobs)
     except CnaLocalError as exc:
         raise click.ClickException(str(exc)) from exc
     import uvicorn
@@ -67,7 +69,7 @@ def serve(model_spec, mask_paths, host, port, api_key, alias, n_ctx, n_ubatch, t
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
-def _build(model_spec, mask_paths, api_key, alias, n_ctx, n_ubatch, threads, n_gpu_layers, chat_format):
+def _build(model_spec, mask_paths, api_key, alias, n_ctx, n_ubatch, threads, n_gpu_layers, chat_format, logprobs=False):
     """Everything that can fail does so here, before the server listens: the model, the masks, their fingerprints."""
     from ..models import resolve_model
     from ..runtime import SteeredLlama
@@ -78,7 +80,7 @@ def _build(model_spec, mask_paths, api_key, alias, n_ctx, n_ubatch, threads, n_g
     if model_path.is_dir() or model_path.suffix.lower() != ".gguf":
         raise CnaLocalError(f"{model_path} is not a .gguf file: the server runs the model in llama.cpp. "
                             "Fix: pass the model's GGUF file (convert a Hugging Face directory with llama.cpp's convert_hf_to_gguf.py).")
-    kwargs = dict(n_ctx=n_ctx, n_batch=max(512, n_ubatch), n_ubatch=n_ubatch, n_gpu_layers=n_gpu_layers)
+    kwargs = dict(n_ctx=n_ctx, n_batch=max(512, n_ubatch), n_ubatch=n_ubatch, n_gpu_layers=n_gpu_layers, logits_all=logprobs)
     if threads is not None:
         kwargs.update(n_threads=threads, n_threads_batch=threads)
     if chat_format is not None:

@@ -16,6 +16,7 @@ evaluated whole, 0 when split at a multiple of the micro-batch). So a cached pre
 from __future__ import annotations
 
 import os
+import time
 from typing import TYPE_CHECKING, Sequence, Union
 
 import llama_cpp
@@ -57,7 +58,9 @@ class SteeredLlama(llama_cpp.Llama):
         kwargs.setdefault("verbose", False)
         self._exact_len = 0  # leading cached tokens evaluated as prompt, in micro-batches from a boundary
         self._prompt_len = 0  # the prompt generate() is evaluating, until it is
-        self.last_reused = 0  # prompt tokens the last generate() took from the KV cache
+        self.last_reused = 0  # prompt tokens the last generate() took from the KV cache ...
+        self.last_prompt_n = 0  # ... and how many it evaluated, in how long
+        self.last_prompt_ms = 0.0
         super().__init__(model_path=str(model_path), **kwargs)
         # micro-batches start at every n_batch chunk and every n_ubatch inside it
         self.prefix_unit = self.n_batch if self.n_batch % self.context_params.n_ubatch else self.context_params.n_ubatch
@@ -81,6 +84,7 @@ class SteeredLlama(llama_cpp.Llama):
     def generate(self, tokens, *args, **kwargs):
         tokens = list(tokens)
         if kwargs.get("reset", True):
+            self.last_prompt_n, self.last_prompt_ms = 0, 0.0
             keep = self.last_reused = self.reusable_prefix(tokens)
             if keep == 0:
                 self.reset()
@@ -92,9 +96,12 @@ class SteeredLlama(llama_cpp.Llama):
     def eval(self, tokens) -> None:
         start = int(self.n_tokens)
         self._exact_len = min(self._exact_len, start)  # what this call evaluates is not from a prompt ...
+        started = time.perf_counter()
         super().eval(tokens)
-        if self._prompt_len and start % self.prefix_unit == 0 and start + len(tokens) == self._prompt_len:
-            self._exact_len = self._prompt_len  # ... unless it is generate()'s prompt, from a boundary
+        if self._prompt_len and start + len(tokens) == self._prompt_len:
+            self.last_prompt_n, self.last_prompt_ms = len(tokens), (time.perf_counter() - started) * 1000
+            if start % self.prefix_unit == 0:
+                self._exact_len = self._prompt_len  # ... unless it is generate()'s prompt, from a boundary
         self._prompt_len = 0
 
     def reset(self) -> None:

@@ -113,6 +113,11 @@ def create_app(llm, registry: MaskRegistry, *, model_alias: str, api_key: str | 
             if len(body.prompt) > 1:
                 raise RequestError("prompt: one prompt per request (a list of several is not supported).", "prompt")
             body.prompt = body.prompt[0] if body.prompt else ""
+        wants_logprobs = getattr(body, "logprobs", None) not in (None, False) or getattr(body, "top_logprobs", None)
+        if wants_logprobs and not getattr(llm, "_logits_all", False):
+            raise RequestError("logprobs: this server was started without --logprobs, which keeps the logits of every "
+                               "token (slower). Fix: restart it with --logprobs, or drop logprobs from the request.",
+                               "logprobs")
         kwargs = body.model_dump(exclude=_EXCLUDE)
         kwargs["model"] = body.model or model_alias  # what the response names: the id /v1/models lists
         _prepare(llm, body, kwargs)

@@ -18,12 +18,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator
 
-import llama_cpp
+import numpy as np
 
 from ..runtime import SteeredLlama
 from .masks import MaskRegistry, echo
 
 _END = object()
+
+
+def plain(obj):
+    """JSON-ready: llama-cpp-python puts numpy floats in logprobs, which no JSON encoder takes."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
 
 
 @dataclass
@@ -55,18 +68,17 @@ class ModelWorker:
         return {"neuron_masks": echo(job.multipliers), "timings": timings}
 
     def _timed(self, job: Job, call: Callable[[], Any]) -> tuple[Any, Callable[[], dict]]:
-        before = llama_cpp.llama_perf_context(self.llm.ctx)
         started = time.perf_counter()
 
         def timings() -> dict:
-            after = llama_cpp.llama_perf_context(self.llm.ctx)
+            # measured by SteeredLlama itself: llama-cpp-python resets llama.cpp's counters every completion
+            total = (time.perf_counter() - started) * 1000
             return {
                 "cache_n": self.llm.last_reused,  # prompt tokens taken from the KV cache
-                "prompt_n": after.n_p_eval - before.n_p_eval,
-                "prompt_ms": round(after.t_p_eval_ms - before.t_p_eval_ms, 3),
-                "predicted_n": after.n_eval - before.n_eval,
-                "predicted_ms": round(after.t_eval_ms - before.t_eval_ms, 3),
-                "total_ms": round((time.perf_counter() - started) * 1000, 3),
+                "prompt_n": self.llm.last_prompt_n,  # prompt tokens evaluated
+                "prompt_ms": round(self.llm.last_prompt_ms, 3),
+                "predicted_ms": round(total - self.llm.last_prompt_ms, 3),  # everything after the prompt
+                "total_ms": round(total, 3),
             }
 
         self.history.append((job.method, list(job.multipliers)))
@@ -75,7 +87,7 @@ class ModelWorker:
 
     def _run(self, job: Job) -> dict:
         result, timings = self._timed(job, lambda: getattr(self.llm, job.method)(**job.kwargs))
-        return {**result, **self._extras(job, timings())}
+        return plain({**result, **self._extras(job, timings())})
 
     def _stream(self, job: Job, push: Callable[[Any], None]) -> None:
         try:
@@ -86,10 +98,10 @@ class ModelWorker:
                 if job.cancelled.is_set():
                     break
                 if previous is not None:
-                    push({**previous, "neuron_masks": echo(job.multipliers)})
+                    push(plain({**previous, "neuron_masks": echo(job.multipliers)}))
                 previous = chunk
             if previous is not None and not job.cancelled.is_set():
-                push({**previous, **self._extras(job, timings())})  # the last chunk carries the timings
+                push(plain({**previous, **self._extras(job, timings())}))  # the last chunk carries the timings
             chunks.close()
         except BaseException as exc:  # handed to the event loop, raised there
             push(exc)
