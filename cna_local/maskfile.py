@@ -192,9 +192,30 @@ def _validate_entries(mask: NeuronMask, source: str) -> None:
         raise MaskFileError(f"{source}: the scale of neuron {mask.neurons[i]} in layer {mask.layers[i]} is {mask.scales[i]}; scales must be finite.")
 
 
-def _open_reader(path: Path):
+def _bounded_reader_class():
     import gguf
 
+    class BoundedReader(gguf.GGUFReader):
+        """GGUFReader that refuses to read past the end of the file.
+
+        GGUFReader slices its memory map without a bounds check, so a damaged count (an array of 2^40
+        entries) makes it loop, appending empty slices, until memory runs out (found by
+        tools/fuzz_masks.py). Every read here is checked first, so a lying count fails at the first read
+        beyond the end, within one pass over the file.
+        """
+
+        def _get(self, offset, dtype, count=1, override_order=None):
+            count = int(count)
+            end = int(offset) + np.dtype(dtype).itemsize * count
+            if offset < 0 or count < 0 or end > len(self.data):
+                raise ValueError(f"{count} x {np.dtype(dtype).name} at offset {offset} runs past the end of the "
+                                 f"file ({len(self.data)} bytes)")
+            return super()._get(offset, dtype, count, override_order)
+
+    return BoundedReader
+
+
+def _open_reader(path: Path):
     if not path.is_file():
         raise MaskFileError(f"mask file {path} does not exist. Fix: check the path, or make one with `cna-local attribute --out {path.name}`.")
     with open(path, "rb") as fh:
@@ -202,7 +223,7 @@ def _open_reader(path: Path):
     if magic != GGUF_MAGIC:
         raise MaskFileError(f"{path} is not a neuron-mask file: it is not GGUF at all (it starts with {magic!r}, not b'GGUF'). Fix: pass a mask made by `cna-local attribute`.")
     try:
-        reader = gguf.GGUFReader(path)
+        reader = _bounded_reader_class()(path)
     except Exception as exc:  # GGUFReader raises ValueError, IndexError, struct errors... on a damaged file
         raise MaskFileError(f"{path} is a damaged or truncated GGUF file ({type(exc).__name__}: {exc}). Fix: make the mask again with `cna-local attribute`.") from exc
     # llama.cpp's C reader needs every tensor's data padded to the alignment;

@@ -263,23 +263,35 @@ def mask_files(draw, model) -> tuple[str, bytes]:
 
 # ------------------------------------------------------------------------------------------ the harness
 
-class Hang(Exception):
-    pass
+def _watchdog(seconds: int, kind: str, data: bytes):
+    """A case that runs past `seconds` is a hang: save it and stop the process loudly. (An alarm signal
+    is not enough: the exception it raises can land in a gc callback and be swallowed.)"""
+    import hashlib
+    import os
+    import sys
+    import tempfile
+    import threading
 
+    def fire():
+        keep = os.path.join(tempfile.gettempdir(), f"{kind}-hang-{hashlib.sha256(data).hexdigest()[:12]}.gguf")
+        with open(keep, "wb") as fh:
+            fh.write(data)
+        sys.stderr.write(f"\nHANG: a {kind} case ran past {seconds} s; the file is kept as {keep}\n")
+        sys.stderr.flush()
+        os._exit(3)
 
-def _alarm(signum, frame):
-    raise Hang()
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    return timer
 
 
 def run_case(kind: str, data: bytes, path, llm, seconds: int = 20) -> str:
     """Feed one file to NeuronMask.load, `cna-local inspect` and SteeredLlama.set_mask.
 
     Returns what happened ("applied", "refused by set_mask: X", "refused by load: X"); raises
-    AssertionError for a crash (any exception that is not a CnaLocalError), a hang (over `seconds`), an
-    error without a message that names the file, or a load/inspect disagreement.
+    AssertionError for a crash (any exception that is not a CnaLocalError), an error without a message
+    that names the file, or a load/inspect disagreement; a hang (over `seconds`) stops the process.
     """
-    import signal
-
     from click.testing import CliRunner
 
     from cna_local.cli import cli
@@ -287,8 +299,8 @@ def run_case(kind: str, data: bytes, path, llm, seconds: int = 20) -> str:
     from cna_local.maskfile import NeuronMask
 
     path.write_bytes(data)
-    old = signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(seconds)
+    watchdog = _watchdog(seconds, kind, data)
+    watchdog.start()
     try:
         try:
             mask = NeuronMask.load(path)
@@ -305,11 +317,8 @@ def run_case(kind: str, data: bytes, path, llm, seconds: int = 20) -> str:
                 outcome = f"refused by set_mask: {type(exc).__name__}"
             finally:
                 llm.steering.clear()
-    except Hang:
-        raise AssertionError(f"{kind}: no answer within {seconds} s (a hang)") from None
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+        watchdog.cancel()
 
     if load_error is not None:
         message = str(load_error)

@@ -1,7 +1,7 @@
 """Requests per second and latency of `cna-local serve` against llama-cpp-python's stock server, same model,
 same machine, unsteered, in one run; and what prompt-prefix reuse saves at one strength.
 
-    python tools/bench_server.py --model default [--requests 40] [--clients 4] [--max-tokens 32]
+    python tools/bench_server.py --model default [--requests 40] [--clients 1,4] [--max-tokens 32]
 
 Both servers run the same GGUF with the same context, micro-batch and threads, one after the other (never
 at once: llama.cpp's threads spin), each answering the same requests from the same client pool: chat
@@ -120,7 +120,7 @@ def main() -> int:
     parser.add_argument("--model", default="default")
     parser.add_argument("--mask", default=None, help="a mask for the prefix-reuse part (default: attribute one)")
     parser.add_argument("--requests", type=int, default=40)
-    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--clients", default="1,4", help="client counts, comma-separated: each server runs each")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n-ctx", type=int, default=4096)
@@ -138,11 +138,16 @@ def main() -> int:
     results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                      "model": model, "settings": vars(args) | {"json": None}}
 
+    counts = [int(c) for c in str(args.clients).split(",")]
+
+    def loads(url):
+        return {n: load(url, args.requests, n, args.max_tokens) for n in counts}
+
     port = free_port()
     ours = f"http://127.0.0.1:{port}"
     results["cna-local serve (no mask)"] = run_server(
         [sys.executable, "-m", "cna_local.cli", "serve", "--model", model, "--port", str(port), "--log-level", "warning", *common],
-        ours, env, lambda: load(ours, args.requests, args.clients, args.max_tokens))
+        ours, env, lambda: loads(ours))
     # the stock server keeps every token's logits by default (for logprobs); cna-local only with --logprobs,
     # so it runs both ways: as users get it, and like for like
     for name, logits_all in (("llama_cpp.server (stock)", "True"), ("llama_cpp.server --logits_all False", "False")):
@@ -152,7 +157,7 @@ def main() -> int:
             [sys.executable, "-m", "llama_cpp.server", "--model", model, "--port", str(port), "--n_ctx", str(args.n_ctx),
              "--n_ubatch", str(args.n_ubatch), "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
              "--interrupt_requests", "False", "--logits_all", logits_all],
-            stock, env, lambda: load(stock, args.requests, args.clients, args.max_tokens))
+            stock, env, lambda: loads(stock))
 
     mask = args.mask
     if mask is None:
@@ -165,11 +170,13 @@ def main() -> int:
         [sys.executable, "-m", "cna_local.cli", "serve", "--model", model, "--mask", mask, "--port", str(port),
          "--log-level", "warning", *common], ours, env, lambda: prefix_reuse(ours, args.turns, args.max_tokens))
 
-    print(f"machine: {results['machine']}; model {Path(model).name}; {args.requests} requests from {args.clients} "
-          f"clients, {args.max_tokens} tokens, half streamed, temperature 0")
-    for name in ("cna-local serve (no mask)", "llama_cpp.server (stock)", "llama_cpp.server --logits_all False"):
-        r = results[name]
-        print(f"  {name:36s} {r['requests_per_s']:.3f} req/s  p50 {r['p50_s']:.2f} s  p95 {r['p95_s']:.2f} s  (wall {r['wall_s']} s)")
+    print(f"machine: {results['machine']}; model {Path(model).name}; {args.requests} requests, {args.max_tokens} tokens, "
+          f"half streamed, temperature 0")
+    for n in counts:
+        print(f"{n} client{'s' if n > 1 else ''} at once:")
+        for name in ("cna-local serve (no mask)", "llama_cpp.server (stock)", "llama_cpp.server --logits_all False"):
+            r = results[name][n]
+            print(f"  {name:36s} {r['requests_per_s']:.3f} req/s  p50 {r['p50_s']:.2f} s  p95 {r['p95_s']:.2f} s  (wall {r['wall_s']} s)")
     print("prompt processing per turn of a growing conversation (cna-local serve, one mask):")
     for label, rows in results["prefix reuse"].items():
         total = sum(r["prompt_ms"] for r in rows)

@@ -28,6 +28,11 @@ def main() -> int:
     parser.add_argument("--save-failures", type=Path, default=None, metavar="DIR")
     args = parser.parse_args()
 
+    import resource
+
+    # a case that eats memory fails as a MemoryError instead of taking the machine down
+    resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
     from hypothesis import HealthCheck, given, seed, settings
 
     from cna_local.fingerprint import fingerprint_from_gguf
