@@ -49,6 +49,10 @@ def test_generated_broken_masks_are_refused_by_name(target, tmp_path_factory):
     assert seen[("none", "applied")] > 0  # valid files do load, print and apply
 
 
+def test_the_regression_corpus_is_there():
+    assert len(list(CORPUS.glob("*.gguf"))) >= 4  # kept in git (an exception in .gitignore)
+
+
 @pytest.mark.parametrize("path", sorted(CORPUS.glob("*.gguf")), ids=lambda p: p.name)
 def test_the_regression_corpus(target, path, tmp_path):
     _, llm = target
