@@ -53,7 +53,7 @@ def demo(model_spec, out_dir, multipliers, limit, score_method, examples, quiet)
 def _run(model_spec, out_dir: Path, multipliers, limit, score_method: str, examples: int, progress: bool) -> None:
     from ..attribution import AttributionOptions, attribute
     from ..evaluation import report
-    from ..evaluation.runner import evaluate
+    from ..evaluation.runner import default_multipliers, evaluate
     from ..loading import load_model
     from ..models import resolve_model
     from ..prompts import load_bundled
@@ -78,7 +78,7 @@ def _run(model_spec, out_dir: Path, multipliers, limit, score_method: str, examp
     say(f"      {len(mask)} neurons in {len(mask.per_layer_counts())} layers -> {mask_path} "
         f"({mask_path.stat().st_size / 1024:.1f} KB, {attribution_s:.0f} s)")
 
-    values = multipliers or sorted({1.0, 0.0, float(mask.multiplier)}, reverse=True)
+    values = multipliers or default_multipliers(mask)
     say(f"[2/3] evaluation at multipliers {', '.join(f'{m:g}' for m in values)} on the held-out sets")
     t0 = time.perf_counter()
     res = evaluate(model_path, mask, values, limit=limit, progress=progress)

@@ -254,7 +254,7 @@ class NeuronSteering:
         scales = np.ascontiguousarray(scales, dtype=np.float32)
         check_entries(self.shape, layers, neurons, scales, self.reachable())
         order = np.lexsort((neurons, layers))
-        self._apply(SteeringState((), (), layers[order], neurons[order], scales[order]))
+        self._apply(SteeringState((), (), layers[order], neurons[order], scales[order]), checked=True)
 
     def clear(self) -> None:
         """Switch steering off; the model runs exactly as without the patch."""
@@ -304,15 +304,15 @@ class NeuronSteering:
 
     # -- the one place that talks to llama.cpp
 
-    def _apply(self, state: SteeringState) -> None:
+    def _apply(self, state: SteeringState, checked: bool = False) -> None:
         if state.key == self._state.key:
             self._state = state  # the same computation: cached KV state stays valid
             return
         if state.off:
             self._lib.llama_clear_neuron_mask(self._llm.ctx)
         else:
-            reachable = self.reachable()
-            check_entries(self.shape, state.layers, state.neurons, state.scales, reachable)
+            if not checked:  # composed masks: their entries meet this model's layers only here
+                check_entries(self.shape, state.layers, state.neurons, state.scales, self.reachable())
             i32p = ctypes.POINTER(ctypes.c_int32)
             rc = self._lib.llama_set_neuron_mask(
                 self._llm.ctx,
