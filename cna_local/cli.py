@@ -9,6 +9,7 @@ from .commands.attribute import attribute
 from .commands.chat import chat
 from .commands.demo import demo
 from .commands.eval import eval_command
+from .commands.export import export
 from .commands.inspect import inspect
 from .commands.serve import serve
 
@@ -33,6 +34,8 @@ def cli() -> None:
     Then use it where you chat:
       cna-local serve --model model.gguf --mask refusal.gguf   (OpenAI API + page)
       cna-local chat  --model model.gguf --mask refusal.gguf   (terminal)
+      cna-local export refusal.gguf --model model.gguf --out refusal.lora.gguf
+                                       (a LoRA for llama-server, Ollama, vLLM)
 
     Start with `cna-local demo --help` or `cna-local attribute --help`.
     """
@@ -44,6 +47,7 @@ cli.add_command(eval_command)
 cli.add_command(demo)
 cli.add_command(serve)
 cli.add_command(chat)
+cli.add_command(export)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,42 @@ def fingerprint_from_model(model, layers=None) -> Fingerprint:
     )
 
 
+def fingerprint_from_hf_dir(directory: str | Path) -> Fingerprint:
+    """Fingerprint of a Hugging Face model directory, read from config.json and the safetensors norms only
+    (the same arrays fingerprint_from_model hashes, without loading the model)."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / "config.json").read_text())
+        config = config.get("text_config", config) if "num_hidden_layers" not in config else config
+        model_type = config["model_type"]
+        n_layer, n_ff, n_embd = int(config["num_hidden_layers"]), int(config["intermediate_size"]), int(config["hidden_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FingerprintError(f"{directory} has no readable config.json with num_hidden_layers, intermediate_size and "
+                               f"hidden_size ({exc}). Fix: pass a Hugging Face model directory.") from exc
+    tensors = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            tensors.update({k: f for k in sf.keys() if "norm" in k})
+    offset = 1.0 if model_type in _NORM_PLUS_ONE_ARCHS else 0.0
+
+    def norm(*names: str) -> np.ndarray:
+        for name in names:
+            if name in tensors:
+                with safe_open(str(tensors[name]), framework="pt") as sf:
+                    return sf.get_tensor(name).float().numpy() + np.float32(offset)
+        raise FingerprintError(f"{directory} has none of {', '.join(names)}; cna-local needs Llama-style RMSNorm layers.")
+
+    arrays = []
+    for il in range(n_layer):
+        prefix = f"model.layers.{il}."
+        arrays += [norm(prefix + "input_layernorm.weight"),
+                   norm(prefix + "pre_feedforward_layernorm.weight", prefix + "post_attention_layernorm.weight")]
+    arrays.append(norm("model.norm.weight"))
+    return Fingerprint(arch=gguf_arch_name(model_type), n_layer=n_layer, n_ff=n_ff, n_embd=n_embd, digest=norm_digest(arrays))
+
+
 def fingerprint_from_gguf(path: str | Path, use_cache: bool = True) -> Fingerprint:
     """Fingerprint of a GGUF model file, read with gguf.GGUFReader (no weights are dequantized but the norms).
 

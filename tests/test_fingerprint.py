@@ -64,3 +64,10 @@ def test_a_gguf_fingerprint_is_read_once_per_file_version(tiny_gguf, tmp_path, m
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # the file changed: the cache entry no longer applies
     with pytest.raises(pytest.fail.Exception, match="read the file again"):
         fingerprint_from_gguf(path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_hf_directory_is_fingerprinted_from_its_files_as_from_the_loaded_model(tiny_hf, arch):
+    from cna_local.fingerprint import fingerprint_from_hf_dir
+
+    assert fingerprint_from_hf_dir(tiny_hf(arch)) == fingerprint_from_model(load_model(tiny_hf(arch)).model)
