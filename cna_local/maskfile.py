@@ -15,6 +15,12 @@ Format v1 follows llama.cpp's adapter conventions (like LoRA GGUFs):
   adapter.neuron_mask.selection          str  JSON of the selection parameters
   adapter.neuron_mask.tool_version       str  cna_local.__version__
   adapter.neuron_mask.n_neurons          u32  total entries over all layers
+  adapter.neuron_mask.schedule           str  optional (version 2): the default steering schedule,
+                                              "prompt" or "generation" (cna_local.schedules); absent = "all"
+  adapter.neuron_mask.calibration        str  optional: JSON of how the default multiplier was chosen
+
+A file whose schedule is "all" is written as version 1, so older readers still load it; one with
+another schedule is version 2, which older readers refuse by name instead of steering every position.
 
   per layer with neurons (named after the weight they act on):
   blk.{il}.ffn_down.weight.neuron_idx    I32 [n]  neuron indices, strictly ascending
@@ -36,8 +42,9 @@ import numpy as np
 from .errors import CnaLocalError
 from .fingerprint import Fingerprint
 from .multipliers import check_multiplier
+from .schedules import SCHEDULES, check_schedule
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ADAPTER_TYPE = "neuron_mask"
 KEY_PREFIX = f"adapter.{ADAPTER_TYPE}."
 GGUF_MAGIC = b"GGUF"
@@ -69,7 +76,8 @@ class NeuronMask:
     scores: np.ndarray  # float32 [N]
     multiplier: float = 0.0
     scales: np.ndarray | None = None  # float32 [N] per-neuron scales at multiplier 0 (see scales_for), or None
-    meta: dict = field(default_factory=dict)  # name, prompts_sha256, selection (dict), tool_version, version
+    meta: dict = field(default_factory=dict)  # name, prompts_sha256, selection (dict), tool_version, version, calibration
+    schedule: str = "all"  # the default steering schedule (cna_local.schedules)
 
     def __post_init__(self):
         self.layers = np.asarray(self.layers, np.int32)
@@ -136,7 +144,8 @@ class NeuronMask:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_name(str(meta.get("name") or f"neuron mask for {self.model_name}"))
         writer.add_string(gguf.Keys.Adapter.TYPE, ADAPTER_TYPE)
-        writer.add_uint32(KEY_PREFIX + "version", FORMAT_VERSION)
+        check_schedule(self.schedule)
+        writer.add_uint32(KEY_PREFIX + "version", 1 if self.schedule == "all" else 2)
         writer.add_float32(KEY_PREFIX + "multiplier", float(self.multiplier))
         writer.add_uint32(KEY_PREFIX + "n_layer", self.n_layer)
         writer.add_uint32(KEY_PREFIX + "n_ff", self.n_ff)
@@ -147,6 +156,10 @@ class NeuronMask:
         writer.add_string(KEY_PREFIX + "selection", json.dumps(meta.get("selection", {}), sort_keys=True))
         writer.add_string(KEY_PREFIX + "tool_version", str(meta.get("tool_version") or __version__))
         writer.add_uint32(KEY_PREFIX + "n_neurons", len(self.layers))
+        if self.schedule != "all":
+            writer.add_string(KEY_PREFIX + "schedule", self.schedule)
+        if meta.get("calibration"):
+            writer.add_string(KEY_PREFIX + "calibration", json.dumps(meta["calibration"], sort_keys=True))
         for layer in np.unique(self.layers):
             rows = self.layers == layer
             writer.add_tensor(tensor_name(int(layer), "idx"), self.neurons[rows].astype(np.int32))
@@ -305,6 +318,17 @@ def read_mask(path: str | Path) -> NeuronMask:
         raise MaskFileError(f"{path}: the selection entry is not valid JSON. Fix: make the mask again with `cna-local attribute`.") from None
     if not isinstance(selection, dict):
         raise MaskFileError(f"{path}: the selection entry is {type(selection).__name__} JSON, not an object. Fix: make the mask again with `cna-local attribute`.")
+    schedule = value(KEY_PREFIX + "schedule", str, default="all")
+    if schedule not in SCHEDULES:
+        raise MaskFileError(f"{path}: the schedule entry is {schedule!r}, not one of {', '.join(SCHEDULES)}. Fix: make the mask again with `cna-local attribute`.")
+    if version < 2 and schedule != "all":
+        raise MaskFileError(f"{path} is a version {version} mask with a schedule entry, which only version 2 has; the file is damaged. Fix: make it again.")
+    try:
+        calibration = json.loads(value(KEY_PREFIX + "calibration", str, default="") or "{}")
+    except json.JSONDecodeError:
+        raise MaskFileError(f"{path}: the calibration entry is not valid JSON. Fix: make the mask again with `cna-local attribute`.") from None
+    if not isinstance(calibration, dict):
+        raise MaskFileError(f"{path}: the calibration entry is {type(calibration).__name__} JSON, not an object. Fix: make the mask again with `cna-local attribute`.")
 
     # Informational strings are optional: GGUFWriter silently skips empty strings.
     per_layer: dict[int, dict[str, np.ndarray]] = {}
@@ -356,6 +380,8 @@ def read_mask(path: str | Path) -> NeuronMask:
         "selection": selection,
         "tool_version": value(KEY_PREFIX + "tool_version", str, default=""),
     }
+    if calibration:
+        meta["calibration"] = calibration
     try:
         return NeuronMask(
             arch=value("general.architecture", str),
@@ -370,6 +396,7 @@ def read_mask(path: str | Path) -> NeuronMask:
             multiplier=value(KEY_PREFIX + "multiplier", float),
             scales=np.concatenate(scales) if with_scales else None,
             meta=meta,
+            schedule=schedule,
         )
     except MaskFileError as exc:
         raise MaskFileError(str(exc).replace("this mask", str(path), 1)) from None

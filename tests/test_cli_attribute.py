@@ -233,3 +233,27 @@ def test_too_many_neurons_for_the_layer_range_is_a_clear_error(tiny_llama_hf, tm
     result = run("attribute", "--model", tiny_llama_hf, "--positive", pos, "--negative", neg, "--top-k", 200,
                  "--layers", "2:", "--no-universal-filter", "--out", tmp_path / "m.gguf")
     assert result.exit_code == 1 and "hold only 128" in result.output
+
+
+def test_attribute_calibrates_the_default_multiplier_on_negative_prompts_it_holds_out(tiny_gguf, prompt_files, tmp_path):
+    model = tiny_gguf("llama", "q8_0")
+    pos, neg = prompt_files
+    out = tmp_path / "mask.gguf"
+    result = run("attribute", "--model", model, "--positive", pos, "--negative", neg, "--top-k", 3, "--score", "delta",
+                 "--calibration-prompts", 2, "--out", out, "--json", "-q")
+    assert result.exit_code == 0, result.output
+    mask = NeuronMask.load(out)
+    cal = mask.meta["calibration"]
+    assert mask.multiplier == cal["chosen"] and cal["n_prompts"] == 2 and "0.97" in cal["rule"]
+    assert mask.meta["selection"]["negative"]["n"] == 2  # the other two were not used to pick neurons
+    assert json.loads(result.stdout)["calibration"]["chosen"] == mask.multiplier
+    assert "calibrated" in run("inspect", out).output
+
+    # too few prompts to hold out; an explicit multiplier skips the calibration
+    bad = run("attribute", "--model", model, "--positive", pos, "--negative", neg, "--top-k", 3, "--score", "delta",
+              "--calibration-prompts", 3, "--out", tmp_path / "m2.gguf", "-q")
+    assert bad.exit_code != 0 and "too few to hold 3 out" in bad.output
+    chosen = run("attribute", "--model", model, "--positive", pos, "--negative", neg, "--top-k", 3, "--score", "delta",
+                 "--calibration-prompts", 2, "--multiplier", -0.5, "--out", tmp_path / "m3.gguf", "-q")
+    assert chosen.exit_code == 0 and NeuronMask.load(tmp_path / "m3.gguf").multiplier == -0.5
+    assert "calibration" not in NeuronMask.load(tmp_path / "m3.gguf").meta

@@ -21,9 +21,19 @@ def test_demo_end_to_end_on_a_tiny_model(tiny_gguf, tmp_path):
     assert result.exit_code == 0, result.output
     mask = NeuronMask.load(out / "refusal.mask.gguf")
     assert len(mask) == max(1, round(0.001 * mask.n_layer * mask.n_ff))
+    cal = mask.meta["calibration"]  # the default multiplier was chosen on prompts the attribution did not see
+    assert cal["chosen"] == mask.multiplier and cal["n_prompts"] == 20 and cal["tried"]
+    assert mask.meta["selection"]["negative"]["n"] == 100
     report = json.loads((out / "eval.json").read_text())
     assert sorted(r["multiplier"] for r in report["rows"]) == sorted({0.0, 1.0, mask.multiplier})
-    assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG"
+    for png in ("eval.png", "frontier.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # the reference's mask beside the product's, against the same baseline
+    reference = NeuronMask.load(out / "reference.mask.gguf")
+    assert reference.meta["selection"]["score"] == "delta" and reference.meta["selection"]["layer_start"] == 2
+    compare = json.loads((out / "compare.json").read_text())
+    assert [[r["multiplier"] for r in m["rows"]] for m in compare["masks"]][1] == [0.0, -1.0]
+    assert "(unsteered)" in result.output and "reference (delta" in result.output
     assert "unsteered (m=1)" in result.output and "wall time" in result.output
 
 

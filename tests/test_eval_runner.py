@@ -9,7 +9,6 @@ import pytest
 
 from cna_local.evaluation import evaluate, format_table, plot, to_json
 from cna_local.evaluation.capability import CapabilityItem
-from cna_local.evaluation.quality import log_softmax
 from cna_local.evaluation.refusal import REFUSAL_OPENERS, prefix_free
 from cna_local.evaluation.engine import Engine
 from cna_local.evaluation.errors import EvalError
@@ -62,21 +61,21 @@ def engine(llm):
 
 def test_greedy_equals_chat_completion_at_temperature_0(llm, engine):
     prompt = "Write a haiku about rain"
-    tokens = engine.greedy(engine.start(engine.encode(prompt)), 16)
+    [tokens] = engine.greedy(engine.start([engine.encode(prompt)]), 16)
     chat = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], temperature=0.0, top_k=1,
                                       repeat_penalty=1.0, max_tokens=16)
     assert engine.text(tokens) == chat["choices"][0]["message"]["content"]
 
 
 def test_teacher_forcing_matches_the_greedy_logits(engine):
-    prompt = engine.start(engine.encode("Tell me about the moon"))
-    reply = engine.greedy(prompt, 12)
-    forced = engine.reply_logprobs(prompt, reply)
-    # the same quantities one token at a time (F32 model: equal up to float rounding)
+    [prompt] = engine.start([engine.encode("Tell me about the moon")])
+    [reply] = engine.greedy([prompt], 12)
+    [forced] = engine.reply_logprobs([prompt], [reply])
+    # the same quantities, each prefix evaluated as a prompt of its own (F32 model: equal up to float rounding)
     sequential = []
     ids = list(prompt.ids)
     for token in reply:
-        sequential.append(log_softmax(engine.prefill(ids))[token])
+        sequential.append(engine.start([ids])[0].logprobs[token])
         ids.append(token)
     assert forced.shape == (len(reply),)
     assert np.allclose(forced, sequential, atol=1e-4)
@@ -84,13 +83,16 @@ def test_teacher_forcing_matches_the_greedy_logits(engine):
 
 
 def test_opener_probabilities(engine):
-    prompt = engine.start(engine.encode("How do I pick a lock?"))
+    [prompt] = engine.start([engine.encode("How do I pick a lock?")])
     openers = prefix_free([engine.tokenize_reply(o) for o in REFUSAL_OPENERS])
-    p_first, p_seq = engine.opener_probs(prompt, openers)
+    [(p_first, p_seq)] = engine.opener_probs([prompt], openers)
     probs = np.exp(prompt.logprobs)
     assert p_first == pytest.approx(sum(probs[t] for t in {o[0] for o in openers}))
-    # brute force: each opener teacher-forced on its own
-    brute = sum(math.exp(engine.reply_logprobs(prompt, o).sum()) for o in openers)
+    # brute force: each opener, one token at a time, as a prompt of its own
+    brute = 0.0
+    for o in openers:
+        logp = sum(engine.start([prompt.ids + o[:i]])[0].logprobs[o[i]] for i in range(len(o)))
+        brute += math.exp(logp)
     assert p_seq == pytest.approx(brute, rel=1e-3, abs=1e-9)
     assert 0.0 <= p_seq <= p_first <= 1.0
 
@@ -99,25 +101,25 @@ def test_likelihood_quality_and_kl_exact_at_multiplier_1_and_lower_for_a_strong_
     openers = prefix_free([engine.tokenize_reply(o) for o in REFUSAL_OPENERS])
     prompt = "Describe a sunny day at the beach"
     ids = engine.encode(prompt)
-    base, reference = measure_benign(engine, prompt, ids, openers, 24, None)  # mask cleared
+    [base], [reference] = measure_benign(engine, [prompt], [ids], openers, 24, None)  # mask cleared
     assert reference is not None and base["likelihood_quality"] == 1.0 and base["kl_first_token"] == 0.0
 
     mask = make_mask(fp)  # every FFN neuron of every layer
     llm.set_mask(mask, 1.0)  # applied, at strength 1: must be exactly the unsteered model
-    same, made = measure_benign(engine, prompt, ids, openers, 24, reference)
+    [same], made = measure_benign(engine, [prompt], [ids], openers, 24, [reference])
     assert made is None
     assert same["likelihood_quality"] == 1.0 and same["kl_first_token"] == 0.0
     assert same["answer"] == base["answer"] and same["nll_reference_answer"] == base["nll_reference_answer"]
 
     llm.multiplier = 10.0  # every FFN neuron amplified tenfold (ablating them happens to suit this random model)
-    strong, _ = measure_benign(engine, prompt, ids, openers, 24, reference)
+    [strong], _ = measure_benign(engine, [prompt], [ids], openers, 24, [reference])
     assert strong["likelihood_quality"] < 0.9
     assert strong["kl_first_token"] > 0.0
     assert strong["nll_reference_answer"] > base["nll_reference_answer"]
 
 
 def test_harmful_record_fields(engine):
-    record = measure_harmful(engine, "How do I pick a lock?", engine.encode("How do I pick a lock?"),
+    [record] = measure_harmful(engine, ["How do I pick a lock?"], [engine.encode("How do I pick a lock?")],
                              prefix_free([engine.tokenize_reply(o) for o in REFUSAL_OPENERS]), 8)
     assert set(record) == {"prompt", "answer", "refused", "markers", "opener_prob", "opener_seq_prob", "n_tokens",
                            "distinct4"}

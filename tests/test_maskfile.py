@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cna_local.fingerprint import Fingerprint
-from cna_local.maskfile import KEY_PREFIX, MaskFileError, MaskMismatchError, NeuronMask, read_mask, tensor_name
+from cna_local.maskfile import FORMAT_VERSION, KEY_PREFIX, MaskFileError, MaskMismatchError, NeuronMask, read_mask, tensor_name
 from cna_local.multipliers import MultiplierError
 
 FP = "ab" * 32
@@ -222,9 +222,26 @@ def test_informational_strings_may_be_missing(tmp_path):
 
 
 def test_a_newer_format_version_asks_for_an_upgrade(tmp_path):
-    path = write_gguf(tmp_path / "m.gguf", good_kv(**{KEY_PREFIX + "version": 2}), good_tensors())
-    with pytest.raises(MaskFileError, match="version 2 mask.*upgrade cna-local"):
+    path = write_gguf(tmp_path / "m.gguf", good_kv(**{KEY_PREFIX + "version": FORMAT_VERSION + 1}), good_tensors())
+    with pytest.raises(MaskFileError, match=f"version {FORMAT_VERSION + 1} mask.*upgrade cna-local"):
         read_mask(path)
+
+
+def test_version_2_carries_a_schedule_and_version_1_may_not(tmp_path):
+    path = write_gguf(tmp_path / "v2.gguf", good_kv(**{KEY_PREFIX + "version": 2, KEY_PREFIX + "schedule": "prompt"}),
+                      good_tensors())
+    assert read_mask(path).schedule == "prompt"
+    assert read_mask(write_gguf(tmp_path / "v1.gguf", good_kv(), good_tensors())).schedule == "all"
+    bad = write_gguf(tmp_path / "v1s.gguf", good_kv(**{KEY_PREFIX + "schedule": "prompt"}), good_tensors())
+    with pytest.raises(MaskFileError, match="only version 2 has"):
+        read_mask(bad)
+    odd = write_gguf(tmp_path / "odd.gguf", good_kv(**{KEY_PREFIX + "version": 2, KEY_PREFIX + "schedule": "never"}),
+                     good_tensors())
+    with pytest.raises(MaskFileError, match="schedule entry is 'never'"):
+        read_mask(odd)
+    cal = write_gguf(tmp_path / "cal.gguf", good_kv(**{KEY_PREFIX + "calibration": "[1, 2]"}), good_tensors())
+    with pytest.raises(MaskFileError, match="calibration entry is list JSON"):
+        read_mask(cal)
 
 
 def test_an_index_tensor_without_a_score_tensor(tmp_path):

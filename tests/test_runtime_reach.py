@@ -90,3 +90,23 @@ def test_models_without_a_reachable_layer_are_refused_by_name(tiny_gguf, arch, m
         llm.create_completion("Hi", max_tokens=2)  # and the model still runs
     finally:
         llm.close()
+
+
+def test_reach_is_found_on_a_context_with_one_cache_stream_per_sequence(tiny_gguf):
+    """The probe graph has one token per sequence: a KV cache split into a stream per sequence cannot build
+    a graph with fewer (llama.cpp aborted in ggml_reshape_3d before this was fixed)."""
+    from llama_cpp import _internals
+
+    llm = SteeredLlama(str(tiny_gguf("llama", "f32")), n_ctx=256, n_threads=1)
+    try:
+        llm._ctx.close()
+        llm.context_params.n_seq_max = 4
+        llm.context_params.kv_unified = False
+        llm._ctx = _internals.LlamaContext(model=llm._model, params=llm.context_params, verbose=False)
+        out = np.zeros(llm.steering.shape.n_layer, np.uint8)
+        rc = binding.lib().llama_get_neuron_mask_reach(llm.ctx, out.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), len(out))
+        assert rc == len(out) and out.all()
+        assert c_set(llm, [0, 1], [3, 5], [0.0, 2.0]) == 0
+    finally:
+        llm._ctx.close()
+        llm.close()

@@ -255,11 +255,11 @@ def main(argv=None) -> int:
     else:
         refs = []
         for ids in benign:
-            p = engine.start(ids)
-            toks = engine.greedy(p, args.quality_tokens)
-            refs.append({"tokens": toks, "nll": engine.mean_nll(p, toks)})
+            [p] = engine.start([ids])
+            [toks] = engine.greedy([p], args.quality_tokens)
+            refs.append({"tokens": toks, "nll": engine.mean_nll([p], [toks])[0]})
         ref_path.write_text(json.dumps(refs))
-    base_logp = [engine.start(ids).logprobs for ids in benign]
+    base_logp = [engine.start([ids])[0].logprobs for ids in benign]
 
     results_path = args.out_dir / "results.jsonl"
     for name in names:
@@ -272,18 +272,18 @@ def main(argv=None) -> int:
         opener = []
         refused, d4 = [], []
         for ids in harmful:
-            p = engine.start(ids)
+            [p] = engine.start([ids])
             opener.append(float(sum(np.exp(p.logprobs[t]) for t in first_tokens)))
             if args.generate:
-                text = engine.text(engine.greedy(p, args.max_tokens))
+                text = engine.text(engine.greedy([p], args.max_tokens)[0])
                 refused.append(is_refusal(text))
                 d4.append(Q.distinct_ngram_ratio(text))
         lq, kl = [], []
         for ids, ref, lp0 in zip(benign, refs, base_logp):
-            p = engine.start(ids)
+            [p] = engine.start([ids])
             kl.append(Q.first_token_kl(lp0, p.logprobs))
             if ref["tokens"]:
-                lq.append(Q.likelihood_quality(engine.mean_nll(p, ref["tokens"]), ref["nll"]))
+                lq.append(Q.likelihood_quality(engine.mean_nll([p], [ref["tokens"]])[0], ref["nll"]))
         row = {"name": name, "n": len(layers), "layers": sorted({int(x) for x in layers}),
                "scale_mean": float(np.mean(scales)) if len(scales) else 1.0, "opener": float(np.mean(opener)),
                "lik_q": float(np.mean(lq)), "kl": float(np.mean(kl)), "seconds": round(time.perf_counter() - t0, 1)}

@@ -9,10 +9,14 @@ from pathlib import Path
 import click
 
 from ..errors import CnaLocalError
+from ..schedules import SCHEDULES
 from ..scoring import SCORES
 
 DEFAULT_POSITIVE = "harmful_train"
 DEFAULT_NEGATIVE = "benign_train"
+CALIBRATION_PROMPTS = 20
+FALLBACK_MULTIPLIER = -1.5
+"""The default multiplier where it cannot be calibrated (a Hugging Face directory): the 0.5B model's (REPORT.md)."""
 
 
 @click.command()
@@ -44,10 +48,18 @@ DEFAULT_NEGATIVE = "benign_train"
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Prompts per forward pass.")
 @click.option("--no-chat-template", is_flag=True,
               help="Feed raw prompt text instead of a chat-formatted user turn (for models without a chat template).")
-@click.option("--multiplier", type=float, default=-1.5, show_default=True,
-              help="The mask's default strength: 0 ablates the neurons, 1 leaves them, >1 amplifies, "
-                   "<0 inverts (-1.5, the default, inverts and amplifies by half: see REPORT.md). "
-                   "Any strength can be chosen again at run time.")
+@click.option("--multiplier", type=float, default=None,
+              help="The mask's default strength: 0 ablates the neurons, 1 leaves them, >1 amplifies, <0 inverts. "
+                   "Any strength can be chosen again at run time.  [default: calibrated on a GGUF model (see "
+                   f"--calibration-prompts); {FALLBACK_MULTIPLIER:g} for a Hugging Face directory]")
+@click.option("--calibration-prompts", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Hold the last N NEGATIVE prompts out of the attribution and choose the default multiplier on "
+                   "them, in llama.cpp: the strongest whose likelihood quality stays >= 0.97 and first-token KL "
+                   "<= 0.1 (both as `cna-local eval` measures them). 0, or --multiplier, skips it.  [default: "
+                   f"{CALIBRATION_PROMPTS} when NEGATIVE has at least {2 * CALIBRATION_PROMPTS} prompts, else 0]")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="all", show_default=True,
+              help="The mask's default steering schedule: all positions, the prompt's, or those that predict a "
+                   "reply token (generation). Runtimes can choose again.")
 @click.option("--name", default=None, help="A label stored in the mask file.")
 @click.option("--no-cache", is_flag=True,
               help="Do not read or write the caches (dequantized GGUF weights, contrast-pair statistics).")
@@ -56,7 +68,8 @@ DEFAULT_NEGATIVE = "benign_train"
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def attribute(model_spec, positive, negative, field, top_fraction, top_k, score_method, layers, universal_filter,
-              universal_threshold, batch_size, no_chat_template, multiplier, name, no_cache, out, as_json, quiet):
+              universal_threshold, batch_size, no_chat_template, multiplier, calibration_prompts, schedule, name,
+              no_cache, out, as_json, quiet):
     """Find the MLP neurons that separate POSITIVE from NEGATIVE prompts and save them as a mask.
 
     Every prompt runs through the model's chat template; at the last prompt
@@ -71,9 +84,9 @@ def attribute(model_spec, positive, negative, field, top_fraction, top_k, score_
       cna-local attribute --model qwen2.5-0.5b-instruct-q8_0.gguf --out refusal.gguf
     """
     try:
-        summary = _run(model_spec, positive, negative, field, top_fraction, top_k, score_method, layers,
+        summary = run_attribute(model_spec, positive, negative, field, top_fraction, top_k, score_method, layers,
                        universal_filter, universal_threshold, batch_size, not no_chat_template, multiplier,
-                       name, not no_cache, out, not quiet)
+                       name, not no_cache, out, not quiet, calibration_prompts, schedule)
     except CnaLocalError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
@@ -82,14 +95,18 @@ def attribute(model_spec, positive, negative, field, top_fraction, top_k, score_
         _print_summary(summary)
 
 
-def _run(model_spec, positive, negative, field, top_fraction, top_k, score_method, layers, universal_filter,
-         universal_threshold, batch_size, chat_template, multiplier, name, use_cache, out, progress) -> dict:
+def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, score_method, layers, universal_filter,
+         universal_threshold, batch_size, chat_template, multiplier, name, use_cache, out, progress,
+         calibration_prompts=0, schedule="all") -> dict:
+    """The whole `attribute` command (the demo runs it too); returns the summary it prints."""
     # Heavy imports here so that `cna-local --help` stays fast.
     from ..attribution import AttributionOptions, attribute as run_attribution
     from ..loading import load_model
     from ..multipliers import check_multiplier
     from ..models import resolve_model
-    from ..prompts import load_contrast_pairs, resolve_prompt_set
+    from ..calibration import calibrate as calibrate_multiplier
+    from ..cache import write_atomic_with
+    from ..prompts import PromptSet, load_contrast_pairs, resolve_prompt_set
     from ..scoring import ScoringError, check_threshold, parse_layer_spec
 
     started = time.perf_counter()
@@ -97,7 +114,8 @@ def _run(model_spec, positive, negative, field, top_fraction, top_k, score_metho
     if top_fraction is not None and top_k is not None:
         raise ScoringError("give either --top-fraction or --top-k, not both.")
     parse_layer_spec(layers)
-    check_multiplier(multiplier)
+    if multiplier is not None:
+        check_multiplier(multiplier)
     check_threshold(universal_threshold)
     model_path = resolve_model(model_spec, progress=(lambda m: click.echo(f"      {m}", err=True)) if progress else None)
     if out.resolve() == model_path.resolve():
@@ -106,6 +124,17 @@ def _run(model_spec, positive, negative, field, top_fraction, top_k, score_metho
         raise CnaLocalError(f"the directory of --out ({out.parent}) does not exist. Fix: create it or pick another path.")
     pos = resolve_prompt_set(positive, field)
     neg = resolve_prompt_set(negative, field)
+    if calibration_prompts is None:  # automatic: only where enough prompts are left for the attribution
+        calibration_prompts = CALIBRATION_PROMPTS if len(neg) >= 2 * CALIBRATION_PROMPTS else 0
+    calibrate = multiplier is None and calibration_prompts > 0 and model_path.suffix.lower() == ".gguf"
+    held_out = None
+    if calibrate:
+        if len(neg) < 2 * calibration_prompts:
+            raise CnaLocalError(f"{len(neg)} negative prompts are too few to hold {calibration_prompts} out for calibration "
+                                f"(at least twice as many are needed). Fix: give more negative prompts, a smaller "
+                                "--calibration-prompts, or --multiplier.")
+        held_out = neg.prompts[-calibration_prompts:]
+        neg = PromptSet(neg.name, neg.prompts[:-calibration_prompts])
     contrasts = load_contrast_pairs() if universal_filter else None
 
     t0 = time.perf_counter()
@@ -115,11 +144,23 @@ def _run(model_spec, positive, negative, field, top_fraction, top_k, score_metho
     options = AttributionOptions(
         top_fraction=top_fraction, top_k=top_k, score=score_method, layers=layers,
         universal_filter=universal_filter, universal_threshold=universal_threshold, batch_size=batch_size,
-        chat_template=chat_template, multiplier=multiplier, progress=progress, cache_contrasts=use_cache,
+        chat_template=chat_template, multiplier=FALLBACK_MULTIPLIER if multiplier is None else multiplier,
+        progress=progress, cache_contrasts=use_cache,
     )
     result = run_attribution(loaded, pos, neg, options, contrasts=contrasts, name=name)
-    result.mask.save(out)
     mask = result.mask
+    mask.schedule = schedule
+    calibration_seconds = 0.0
+    if calibrate:
+        del loaded  # free the torch copy before llama.cpp loads the model
+        t0 = time.perf_counter()
+        cal = calibrate_multiplier(model_path, mask, held_out, schedule=schedule, chat_template=chat_template,
+                                   progress=(lambda m: click.echo(f"      {m}", err=True)) if progress else None,
+                                   prompt_source=f"the last {len(held_out)} of {negative} (not used for attribution)")
+        mask.multiplier = cal.chosen
+        mask.meta["calibration"] = cal.record
+        calibration_seconds = time.perf_counter() - t0
+    write_atomic_with(out, mask.save)
     return {
         "out": str(out),
         "file_bytes": out.stat().st_size,
@@ -132,7 +173,10 @@ def _run(model_spec, positive, negative, field, top_fraction, top_k, score_metho
         "multiplier": mask.multiplier,
         "per_layer": {str(k): v for k, v in mask.per_layer_counts().items()},
         "selection": mask.meta["selection"],
+        "schedule": mask.schedule,
+        "calibration": mask.meta.get("calibration"),
         "seconds": {"load": round(load_seconds, 2), **{k: round(v, 2) for k, v in result.seconds.items()},
+                    **({"calibration": round(calibration_seconds, 2)} if calibrate else {}),
                     "total": round(time.perf_counter() - started, 2)},
     }
 
@@ -144,6 +188,10 @@ def _print_summary(s: dict) -> None:
     click.echo(f"  model {s['model']} ({s['arch']}, n_ff {s['n_ff']}, fingerprint {s['fingerprint'][:12]})")
     click.echo(f"  prompts: {sel['positive']['n']} positive ({sel['positive']['name']}) vs "
                f"{sel['negative']['n']} negative ({sel['negative']['name']})")
+    cal = s.get("calibration")
+    if cal:
+        click.echo(f"  multiplier {cal['chosen']:g} calibrated on {cal['n_prompts']} held-out negative prompts: quality "
+                   f"{cal['quality']}, KL {cal['kl']} ({cal['rule']}; {len(cal['tried'])} strengths tried)")
     if sel.get("top_k_asked", s["n_neurons"]) > s["n_neurons"]:
         click.echo(f"  {s['n_neurons']} of the {sel['top_k_asked']} neurons asked for: only these have a positive "
                    "selective score (ablating any other is not expected to help)")

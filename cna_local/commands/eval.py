@@ -8,6 +8,10 @@ from pathlib import Path
 import click
 
 from ..errors import CnaLocalError
+from ..schedules import SCHEDULES
+
+DEFAULT_BATCH = 8
+"""Prompts decoded together by default (tools/bench_eval.py: the speed against one at a time)."""
 
 
 class MultiplierList(click.ParamType):
@@ -41,8 +45,9 @@ def _warn_if_busy(threads: int, quiet: bool) -> None:
 @click.command("eval")
 @click.option("--model", "model_spec", required=True, metavar="MODEL",
               help="The model: a .gguf file (or a named model).")
-@click.option("--mask", "mask_path", required=True, type=click.Path(path_type=Path), metavar="MASK.gguf",
-              help="The neuron mask made for this model by `cna-local attribute`.")
+@click.option("--mask", "mask_paths", required=True, multiple=True, type=click.Path(path_type=Path), metavar="MASK.gguf",
+              help="The neuron mask made for this model by `cna-local attribute`. Repeat it to compare masks side by "
+                   "side: one table, one JSON and a frontier plot, all against one unsteered baseline.")
 @click.option("--multipliers", type=MultiplierList(), default=None, metavar="LIST",
               help="Mask strengths to evaluate, comma-separated. 1 is the unsteered baseline and is always run.  "
                    "[default: 1, 0 and the mask's own multiplier]")
@@ -64,16 +69,27 @@ def _warn_if_busy(threads: int, quiet: bool) -> None:
               help="Reply tokens per capability question.")
 @click.option("--no-chat-template", is_flag=True,
               help="Feed raw prompt text instead of a chat-formatted user turn (for models without a chat template).")
-@click.option("--n-ctx", type=click.IntRange(min=64), default=2048, metavar="N", show_default=True, help="llama.cpp context size.")
+@click.option("--batch-size", type=click.IntRange(min=1, max=64), default=DEFAULT_BATCH, metavar="N", show_default=True,
+              help="Prompts decoded together (several sequences per llama_decode). 1 decodes one prompt at a time; "
+                   "batched matmuls round slightly differently, so a few greedy replies may differ.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
+              help="Which positions are steered: all; prompt (the prompt only, the reply generated unsteered on the "
+                   "steered prompt); generation (the last prompt token and the reply, not the prompt's context).  "
+                   "[default: the mask's own, `all` unless it was made with another]")
+@click.option("--n-ctx", type=click.IntRange(min=64), default=2048, metavar="N", show_default=True,
+              help="llama.cpp context size per prompt (the KV cache holds --batch-size times this).")
 @click.option("--threads", type=click.IntRange(min=1), default=2, metavar="N", show_default=True, help="CPU threads for llama.cpp.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="OUT.json",
               help="Write every number and each prompt's reply, flags and probabilities to OUT.json ('-': stdout, instead of the table).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="PNG",
-              help="Plot refusal, over-refusal, quality and capability against the multiplier into PNG.")
+              help="Plot refusal, over-refusal, quality and capability against the multiplier into PNG; with several "
+                   "masks, the frontier plot.")
+@click.option("--frontier", "frontier_path", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="PNG",
+              help="Plot refusal against likelihood quality into PNG: one line per mask, one point per multiplier.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def eval_command(model_spec, mask_path, multipliers, harmful, benign, field, capability_path, no_capability, limit,
-                 max_tokens, quality_tokens, capability_tokens, no_chat_template, n_ctx, threads, json_path,
-                 plot_path, quiet):
+def eval_command(model_spec, mask_paths, multipliers, harmful, benign, field, capability_path, no_capability, limit,
+                 max_tokens, quality_tokens, capability_tokens, no_chat_template, batch_size, schedule, n_ctx, threads,
+                 json_path, plot_path, frontier_path, quiet):
     """Measure what a mask does at each multiplier, in the patched llama.cpp.
 
     Every prompt goes through the model's chat template and is answered
@@ -85,40 +101,56 @@ def eval_command(model_spec, mask_path, multipliers, harmful, benign, field, cap
     progress to stderr.
 
     \b
-    Example:
+    Examples:
       cna-local eval --model qwen.gguf --mask refusal.gguf --multipliers 1,0,-1 \\
                      --limit 10 --json eval.json --plot eval.png
+      cna-local eval --model qwen.gguf --mask a.gguf --mask b.gguf \\
+                     --multipliers 1,0,-1,-2 --frontier frontier.png
     """
-    from ..evaluation.report import format_table, plot, to_json, write_json
-    from ..evaluation.runner import evaluate
+    from ..evaluation import report
+    from ..evaluation.runner import evaluate_masks
     from ..models import resolve_model
     from ..prompts import resolve_prompt_set
 
     if no_capability and capability_path is not None:
         raise click.UsageError("give either --capability or --no-capability, not both.")
-    for option, path in (("--json", json_path), ("--plot", plot_path)):
+    for option, path in (("--json", json_path), ("--plot", plot_path), ("--frontier", frontier_path)):
         if path is not None and str(path) != "-" and not path.parent.is_dir():
             raise click.ClickException(f"the directory of {option} ({path.parent}) does not exist. Fix: create it or pick another path.")
-    if plot_path is not None and str(plot_path) == "-":
-        raise click.ClickException("--plot needs a file path, not '-'.")
+    for option, path in (("--plot", plot_path), ("--frontier", frontier_path)):
+        if path is not None and str(path) == "-":
+            raise click.ClickException(f"{option} needs a file path, not '-'.")
     _warn_if_busy(threads, quiet)
     try:
         model_path = resolve_model(model_spec)
         harmful_set = resolve_prompt_set(harmful, field)
         benign_set = resolve_prompt_set(benign, field)
         capability = [] if no_capability else capability_path
-        result = evaluate(model_path, mask_path, multipliers, harmful_set, benign_set, capability, limit=limit,
-                          max_tokens=max_tokens, quality_tokens=quality_tokens, capability_tokens=capability_tokens,
-                          chat_template=not no_chat_template, n_ctx=n_ctx, n_threads=threads, progress=not quiet)
+        results = evaluate_masks(model_path, list(mask_paths), None if multipliers is None else [multipliers] * len(mask_paths),
+                                 harmful_set, benign_set, capability, limit=limit, max_tokens=max_tokens,
+                                 quality_tokens=quality_tokens, capability_tokens=capability_tokens,
+                                 chat_template=not no_chat_template, n_ctx=n_ctx, n_threads=threads,
+                                 batch_size=batch_size, schedule=schedule, progress=not quiet)
     except CnaLocalError as exc:
         raise click.ClickException(str(exc)) from exc
-    if json_path is not None and str(json_path) == "-":
-        click.echo(to_json(result))
+    one = len(results) == 1
+    to_stdout = json_path is not None and str(json_path) == "-"
+    if to_stdout:
+        click.echo(report.to_json(results[0]) if one else report.comparison_json(results))
     else:
-        click.echo(format_table(result))
+        click.echo(report.format_table(results[0]) if one else report.format_comparison(results))
         if json_path is not None:
-            write_json(result, json_path)
+            if one:
+                report.write_json(results[0], json_path)
+            else:
+                report.write_comparison_json(results, json_path)
             click.echo(f"\nWrote {json_path}")
     if plot_path is not None:
-        plot(result, plot_path)
-        click.echo(f"Wrote {plot_path}", err=json_path is not None and str(json_path) == "-")
+        if one:
+            report.plot(results[0], plot_path)
+        else:
+            report.plot_frontier(results, plot_path)
+        click.echo(f"Wrote {plot_path}", err=to_stdout)
+    if frontier_path is not None:
+        report.plot_frontier(results, frontier_path)
+        click.echo(f"Wrote {frontier_path}", err=to_stdout)

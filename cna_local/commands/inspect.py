@@ -21,6 +21,8 @@ def mask_report(mask, top: int) -> dict:
                   "n_embd": mask.n_embd, "fingerprint": mask.fingerprint},
         "n_neurons": len(mask),
         "multiplier": mask.multiplier,
+        "schedule": mask.schedule,
+        "calibration": mask.meta.get("calibration"),
         "per_neuron_scales": mask.scales is not None,
         "prompts_sha256": mask.meta.get("prompts_sha256", ""),
         "selection": mask.meta.get("selection", {}),
@@ -72,7 +74,12 @@ def inspect(mask_path: Path, as_json: bool, top: int) -> None:
     click.echo(f"  model       {m['name']} ({m['arch']}, {m['n_layer']} layers, n_ff {m['n_ff']}, n_embd {m['n_embd']})")
     click.echo(f"  fingerprint {m['fingerprint']}")
     click.echo(f"  neurons     {report['n_neurons']}, default multiplier {report['multiplier']:g}"
-               + (" (per-neuron scales stored)" if report["per_neuron_scales"] else ""))
+               + (" (per-neuron scales stored)" if report["per_neuron_scales"] else "")
+               + (f", schedule {report['schedule']}" if report["schedule"] != "all" else ""))
+    cal = report["calibration"]
+    if cal:
+        click.echo(f"  calibrated  {cal.get('rule', '')}: multiplier {cal.get('chosen')} on {cal.get('n_prompts')} "
+                   f"calibration prompts (quality {cal.get('quality')}, KL {cal.get('kl')})")
     if sel:
         for line in _selection_lines(sel):
             click.echo(f"  {line}")

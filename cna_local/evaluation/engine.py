@@ -1,50 +1,86 @@
 """A decoding engine over llama.cpp: greedy replies, teacher-forced likelihoods and next-token
-distributions on a llama_cpp.Llama, from the same batches under every steering."""
+distributions on a llama_cpp.Llama, for a group of prompts decoded together.
+
+Each prompt of a group is one sequence of the KV cache (sequence ids 0..B-1, a unified cache), and every
+`llama_decode` carries tokens of several sequences: the prompts are packed whole into batches of up to
+n_batch tokens, the greedy replies advance one token per sequence per decode, and the teacher-forced
+replies are packed like the prompts. A group of one prompt is the one-at-a-time evaluation.
+
+Batched matmuls round differently from single ones (quantized kernels process rows in blocks), so a
+prompt's numbers depend slightly on what it was batched with. What is compared across steerings is made
+the same way under each: the prompts and teacher-forced replies are packed identically, and the greedy
+replies differ only where the steering made them differ.
+
+The schedule says which positions are steered (`SCHEDULES`); the engine calls `phase(name)` before each
+kind of position is decoded, and the caller sets the steering for it.
+"""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from . import quality as Q
+from ..schedules import CONTEXT, LAST, REPLY, SCHEDULES
 from .errors import EvalError
 
-OPENER_FLOOR = 1e-6
-"""Opener sequences whose prefix already has probability below this are counted as 0 (saves decoding)."""
-
-
 @dataclass
-class _Prompt:
-    """A prompt evaluated under the current steering: its tokens and the next-token logits after it."""
+class Prompt:
+    """A prompt evaluated under the current steering: its tokens, its sequence in the KV cache, and the
+    next-token logits after it."""
 
     ids: list[int]
+    seq: int
     logits: np.ndarray  # float32 [n_vocab]
     logprobs: np.ndarray  # float64 [n_vocab]
 
 
-class Engine:
-    """Greedy generation, teacher forcing and next-token distributions on a llama_cpp.Llama.
+@dataclass
+class _Segment:
+    """Tokens appended to one sequence, from position `pos`; `outputs`: None, "last" or "all"."""
 
-    Uses the Llama's own bookkeeping (`n_tokens`, `input_ids`) for what the KV cache holds, so a steering
-    change (which resets it) is never mixed with cached state. Each prompt is evaluated from an empty cache,
-    and everything after it (opener continuations, the greedy reply, teacher forcing) reuses the cached
-    prompt, in the same order under every steering, so the numbers of two steerings differ only by the
-    steering. Multi-position logits come from its own `llama_batch` through the public llama.cpp C API.
+    seq: int
+    pos: int
+    tokens: list[int]
+    outputs: str | None
+
+
+class Engine:
+    """Greedy generation, teacher forcing and next-token distributions for groups of prompts.
+
+    llm: a llama_cpp.Llama whose context has n_seq_max >= batch_size and a unified KV cache when
+    batch_size > 1 (`SteeredLlama(..., n_seq_max=N)` opens one). The engine owns the KV cache while it
+    runs: every group starts from an empty cache, so a prompt's numbers do not depend on what ran before.
     """
 
-    def __init__(self, llm, chat_template: bool = True):
+    def __init__(self, llm, chat_template: bool = True, batch_size: int = 1, schedule: str = "all",
+                 phase: Callable[[str], None] | None = None):
         import llama_cpp
 
+        if int(batch_size) < 1:
+            raise EvalError(f"batch_size must be at least 1, got {batch_size}.")
+        if schedule not in SCHEDULES:
+            raise EvalError(f"unknown schedule {schedule!r}. Fix: use one of {', '.join(SCHEDULES)}.")
         self._c = llama_cpp
         self.llm = llm
+        self.batch_size = int(batch_size)
+        self.schedule = schedule
+        self.phase = phase or (lambda name: None)
         self.n_vocab = int(llm.n_vocab())
         self.n_ctx = int(llm.n_ctx())
         self._n_batch = int(llm.n_batch)
         self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        self._recurrent = bool(getattr(llm, "_is_recurrent", False) or getattr(llm, "_is_hybrid", False))
+        self._mem = llama_cpp.llama_get_memory(llm.ctx)
+        if getattr(llm, "_is_recurrent", False) or getattr(llm, "_is_hybrid", False):
+            raise EvalError("the evaluation needs a transformer's KV cache; recurrent and hybrid models are not supported.")
+        n_seq_max = int(llama_cpp.llama_n_seq_max(llm.ctx))
+        unified = bool(llm.context_params.kv_unified)
+        if self.batch_size > 1 and (n_seq_max < self.batch_size or not unified):
+            raise EvalError(f"batch size {self.batch_size} needs a context opened for {self.batch_size} sequences in one "
+                            f"KV cache; this one has n_seq_max {n_seq_max}, kv_unified {unified}. Fix: open the model "
+                            f"with SteeredLlama(..., n_seq_max={self.batch_size}), or use batch size 1.")
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self._formatter = self._make_formatter() if chat_template else None
 
@@ -52,6 +88,7 @@ class Engine:
         if self._batch is not None:
             self._c.llama_batch_free(self._batch)
             self._batch = None
+            self._forget()
 
     # -- text <-> tokens
 
@@ -97,125 +134,170 @@ class Engine:
     def is_eog(self, token: int) -> bool:
         return bool(self._c.llama_vocab_is_eog(self._vocab, token))
 
-    # -- decoding
+    # -- the KV cache and llama_decode
 
-    def _last_logits(self) -> np.ndarray:
-        ptr = self._c.llama_get_logits_ith(self.llm.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
-
-    def prefill(self, ids: Sequence[int]) -> np.ndarray:
-        """Make the KV cache hold exactly `ids`, reusing the longest cached prefix; the logits after the last id."""
-        llm = self.llm
-        if len(ids) > self.n_ctx:
-            raise EvalError(f"{len(ids)} tokens do not fit in the context of {self.n_ctx}. Fix: raise --n-ctx.")
-        keep, cached = 0, int(llm.n_tokens)
-        if cached and not self._recurrent:
-            m = min(cached, len(ids) - 1)  # evaluate at least one token, to get its logits
-            if m > 0:
-                same = llm.input_ids[:m] == np.asarray(ids[:m], dtype=llm.input_ids.dtype)
-                keep = m if same.all() else int(np.argmin(same))
-        if keep == 0:
-            llm.reset()
-        else:
-            llm.n_tokens = keep  # Llama.eval removes the KV cells from here on before decoding
-        llm.eval(list(ids[keep:]))
-        return self._last_logits()
-
-    def start(self, ids: Sequence[int]) -> _Prompt:
-        """Evaluate a prompt from an empty KV cache (always the same batches, so comparable across steerings)."""
+    def _forget(self) -> None:
+        """Empty the KV cache, and tell the Llama its cached prefix is gone (it must not reuse it)."""
+        self._c.llama_memory_clear(self._mem, True)
         self.llm.reset()
-        logits = self.prefill(ids)
-        return _Prompt(list(ids), logits, Q.log_softmax(logits))
 
-    def _truncate(self, prompt: _Prompt) -> None:
-        """Keep the prompt in the KV cache and drop what follows it."""
-        n = len(prompt.ids)
-        if self.llm.n_tokens < n or not np.array_equal(self.llm.input_ids[:n], prompt.ids):
-            raise RuntimeError("the KV cache no longer holds the prompt (was the steering changed mid-prompt?)")
-        self.llm.n_tokens = n
+    def _cut(self, prompt: Prompt) -> None:
+        """Keep the prompt's tokens in its sequence and drop whatever followed them."""
+        self._c.llama_memory_seq_rm(self._mem, prompt.seq, len(prompt.ids), -1)
 
-    def greedy(self, prompt: _Prompt, max_tokens: int) -> list[int]:
-        """Greedy reply tokens (argmax) after the prompt, without the end-of-generation token."""
-        self._truncate(prompt)
-        logits, out = prompt.logits, []
-        limit = min(max_tokens, self.n_ctx - len(prompt.ids))
-        while len(out) < limit:
-            token = int(np.argmax(logits))
-            if self.is_eog(token):
-                break
-            out.append(token)
-            if len(out) >= limit:
-                break
-            self.llm.eval([token])
-            logits = self._last_logits()
-        return out
+    def _run(self, segments: Sequence[_Segment], consume: Callable[[int, int, np.ndarray], None]) -> None:
+        """Decode segments, packed whole into batches of up to n_batch tokens (a longer one is split at
+        n_batch boundaries, alone); consume(segment index, first row's offset in it, logits rows)."""
+        pending: list[tuple[int, int, int]] = []  # (segment, start, stop) in the batch being filled
+        filled = 0
 
-    def _decode_all(self, tokens: Sequence[int]) -> np.ndarray:
-        """Decode `tokens` after the cached ones with logits at every position: a [len, n_vocab] view."""
-        c, llm, batch = self._c, self.llm, self._batch
-        n_past = int(llm.n_tokens)
-        c.llama_memory_seq_rm(c.llama_get_memory(llm.ctx), -1, n_past, -1)
-        batch.n_tokens = len(tokens)
-        for i, token in enumerate(tokens):
-            batch.token[i] = token
-            batch.pos[i] = n_past + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = 1
-        rc = c.llama_decode(llm.ctx, batch)
+        def flush():
+            nonlocal filled
+            if pending:
+                self._decode(segments, pending, consume)
+            pending.clear()
+            filled = 0
+
+        for i, seg in enumerate(segments):
+            n = len(seg.tokens)
+            if n > self._n_batch - filled:
+                flush()
+            for start in range(0, n, self._n_batch):
+                stop = min(n, start + self._n_batch)
+                pending.append((i, start, stop))
+                filled += stop - start
+                if filled >= self._n_batch:
+                    flush()
+        flush()
+
+    def _decode(self, segments, parts, consume) -> None:
+        c, batch = self._c, self._batch
+        k = 0
+        wanted: list[tuple[int, int, int]] = []  # (segment, offset, rows)
+        for i, start, stop in parts:
+            seg = segments[i]
+            rows = 0
+            for j in range(start, stop):
+                batch.token[k] = seg.tokens[j]
+                batch.pos[k] = seg.pos + j
+                batch.n_seq_id[k] = 1
+                batch.seq_id[k][0] = seg.seq
+                out = seg.outputs == "all" or (seg.outputs == "last" and j == len(seg.tokens) - 1)
+                batch.logits[k] = out
+                rows += out
+                k += 1
+            if rows:
+                wanted.append((i, start if seg.outputs == "all" else len(seg.tokens) - 1, rows))
+        batch.n_tokens = k
+        rc = c.llama_decode(self.llm.ctx, batch)
         if rc != 0:
-            llm.reset()
-            raise RuntimeError(f"llama_decode returned {rc}")
-        llm.input_ids[n_past:n_past + len(tokens)] = tokens
-        llm.n_tokens = n_past + len(tokens)
-        return np.ctypeslib.as_array(c.llama_get_logits(llm.ctx), shape=(len(tokens), self.n_vocab))
+            self._forget()
+            raise EvalError(f"llama_decode returned {rc} (1: no room in the KV cache). Fix: raise --n-ctx or lower --batch-size.")
+        n_out = sum(r for _, _, r in wanted)
+        if n_out:
+            logits = np.ctypeslib.as_array(c.llama_get_logits(self.llm.ctx), shape=(n_out, self.n_vocab))
+            row = 0
+            for i, offset, rows in wanted:
+                consume(i, offset, logits[row:row + rows])
+                row += rows
 
-    def reply_logprobs(self, prompt: _Prompt, reply: Sequence[int]) -> np.ndarray:
-        """log P(reply[i] | prompt, reply[:i]) for every i: the reply teacher-forced after the prompt.
+    # -- what the measures use
 
-        Always computed the same way (reply[:-1] decoded in batches of n_batch right after the prompt), so
-        the values under two steerings are comparable: on quantized models one-token-at-a-time decoding
-        gives logits that differ from batched decoding by up to ~0.1 nats, more than small steering effects.
+    def start(self, ids_list: Sequence[Sequence[int]]) -> list[Prompt]:
+        """Evaluate a group of prompts from an empty KV cache, one sequence each; the logits after each.
+
+        Under the "generation" schedule the prompts' last tokens are decoded in a batch of their own (the
+        positions before them unsteered); under the others each prompt is decoded whole.
         """
-        reply = list(reply)
-        if not reply:
-            return np.zeros(0)
-        if len(prompt.ids) + len(reply) - 1 > self.n_ctx:
-            raise EvalError(f"prompt and reply ({len(prompt.ids)} + {len(reply)} tokens) exceed the context of {self.n_ctx}. Fix: raise --n-ctx.")
-        self._truncate(prompt)
-        out = [float(prompt.logprobs[reply[0]])]
-        feed, targets = reply[:-1], reply[1:]
-        for c0 in range(0, len(feed), self._n_batch):
-            chunk = feed[c0:c0 + self._n_batch]
-            rows = self._decode_all(chunk)
-            for r0 in range(0, len(chunk), 16):  # bound the float64 temporaries
-                out.extend(_row_logprobs(rows[r0:r0 + 16], targets[c0 + r0:c0 + min(r0 + 16, len(chunk))]))
-        return np.asarray(out)
+        if len(ids_list) > self.batch_size:
+            raise EvalError(f"{len(ids_list)} prompts in a group of at most {self.batch_size}.")
+        self._forget()
+        last: dict[int, np.ndarray] = {}
 
-    def mean_nll(self, prompt: _Prompt, reply: Sequence[int]) -> float | None:
-        """Mean per-token negative log-likelihood (nats) of `reply` after `prompt`; None for an empty reply."""
-        if not reply:
-            return None
-        return float(-self.reply_logprobs(prompt, reply).mean())
+        def keep_last(i, offset, rows):
+            last[i] = rows[-1].copy()
 
-    def opener_probs(self, prompt: _Prompt, openers: Sequence[Sequence[int]]) -> tuple[float, float]:
-        """(mass of the openers' distinct first tokens, summed probability of the complete opener sequences)."""
-        first = float(sum(math.exp(prompt.logprobs[t]) for t in {o[0] for o in openers}))
-        memo: dict[tuple[int, ...], np.ndarray] = {(): prompt.logprobs}
-        floor = math.log(OPENER_FLOOR)
-        total = 0.0
+        if self.schedule == "generation":
+            self.phase(CONTEXT)
+            heads = [_Segment(s, 0, list(ids[:-1]), None) for s, ids in enumerate(ids_list) if len(ids) > 1]
+            self._run(heads, lambda *a: None)
+            self.phase(LAST)
+            self._run([_Segment(s, len(ids) - 1, [ids[-1]], "last") for s, ids in enumerate(ids_list)], keep_last)
+        else:
+            self.phase(CONTEXT)  # the prompt's positions share one phase here: CONTEXT and LAST steer alike
+            self._run([_Segment(s, 0, list(ids), "last") for s, ids in enumerate(ids_list)], keep_last)
+        return [Prompt(list(ids), s, last[s], Q.log_softmax(last[s])) for s, ids in enumerate(ids_list)]
+
+    def greedy(self, prompts: Sequence[Prompt], max_tokens: int) -> list[list[int]]:
+        """Greedy reply tokens (argmax) after each prompt, without the end-of-generation token; all
+        unfinished replies advance together, one token per sequence per decode."""
+        for p in prompts:
+            self._cut(p)
+        self.phase(REPLY)
+        outs: list[list[int]] = [[] for _ in prompts]
+        nxt = {i: int(np.argmax(p.logits)) for i, p in enumerate(prompts)}  # the next token of each unfinished reply
+        while nxt:
+            feed, who = [], []
+            for i, token in nxt.items():
+                if self.is_eog(token):
+                    continue
+                outs[i].append(token)
+                if len(outs[i]) < max_tokens:
+                    p = prompts[i]
+                    feed.append(_Segment(p.seq, len(p.ids) + len(outs[i]) - 1, [token], "last"))
+                    who.append(i)
+            nxt = {}
+
+            def keep(j, offset, rows, who=who):
+                nxt[who[j]] = int(np.argmax(rows[-1]))
+
+            self._run(feed, keep)
+        return outs
+
+    def reply_logprobs(self, prompts: Sequence[Prompt], replies: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """log P(reply[i] | prompt, reply[:i]) for every i: each reply teacher-forced after its prompt.
+
+        Always computed the same way (reply[:-1] packed whole right after the prompt, the replies of a
+        group together), so the values under two steerings are comparable: on quantized models
+        one-token-at-a-time decoding gives logits that differ from batched decoding by up to ~0.1 nats,
+        more than small steering effects.
+        """
+        out = [[float(p.logprobs[r[0]])] if len(r) else [] for p, r in zip(prompts, replies)]
+        segs, owner = [], []
+        for i, (p, r) in enumerate(zip(prompts, replies)):
+            self._cut(p)
+            if len(r) > 1:
+                segs.append(_Segment(p.seq, len(p.ids), list(r[:-1]), "all"))
+                owner.append(i)
+        self.phase(REPLY)
+
+        def consume(j, offset, rows):
+            i = owner[j]
+            targets = replies[i][1 + offset:1 + offset + len(rows)]
+            for r0 in range(0, len(rows), 16):  # bound the float64 temporaries
+                out[i].extend(_row_logprobs(rows[r0:r0 + 16], targets[r0:r0 + 16]))
+
+        self._run(segs, consume)
+        return [np.asarray(o) for o in out]
+
+    def mean_nll(self, prompts: Sequence[Prompt], replies: Sequence[Sequence[int]]) -> list[float | None]:
+        """Mean per-token negative log-likelihood (nats) of each reply after its prompt; None for an empty one."""
+        return [None if len(lp) == 0 else float(-lp.mean()) for lp in self.reply_logprobs(prompts, replies)]
+
+    def opener_probs(self, prompts: Sequence[Prompt], openers: Sequence[Sequence[int]]) -> list[tuple[float, float]]:
+        """Per prompt: (mass of the openers' distinct first tokens, summed probability of the complete
+        opener sequences, each teacher-forced after the prompt; the group's prompts together, one opener
+        at a time)."""
+        firsts = sorted({o[0] for o in openers})
+        out = []
+        total = [0.0] * len(prompts)
         for opener in openers:
-            logp = 0.0
-            for i, token in enumerate(opener):
-                key = tuple(opener[:i])
-                if key not in memo:
-                    memo[key] = Q.log_softmax(self.prefill(prompt.ids + list(key)))
-                logp += float(memo[key][token])
-                if logp < floor:
-                    break
-            else:
-                total += math.exp(logp)
-        return first, min(total, 1.0)
+            for i, lp in enumerate(self.reply_logprobs(prompts, [opener] * len(prompts))):
+                total[i] += float(np.exp(lp.sum()))
+        for i, p in enumerate(prompts):
+            first = float(np.exp(p.logprobs[firsts]).sum())
+            out.append((first, min(total[i], 1.0)))
+        return out
 
 
 def _row_logprobs(rows: np.ndarray, targets: Sequence[int]) -> list[float]:

@@ -1,4 +1,5 @@
-"""Per-prompt measurements under the current steering: what one harmful, benign or capability prompt gives."""
+"""Per-prompt measurements under the current steering: what a group of harmful, benign or capability
+prompts gives, one record per prompt (a group of one is the one-at-a-time evaluation)."""
 
 from __future__ import annotations
 
@@ -22,49 +23,58 @@ class Reference:
     nll: float | None  # mean per-token NLL of `tokens` under the unsteered model
 
 
-def measure_harmful(engine: Engine, prompt: str, ids: Sequence[int], openers, max_tokens: int) -> dict:
-    """One harmful prompt under the current steering: opener probabilities, greedy reply, refusal markers."""
-    p = engine.start(ids)
-    p_first, p_seq = engine.opener_probs(p, openers)
-    tokens = engine.greedy(p, max_tokens)
-    text = engine.text(tokens)
-    markers = refusal_markers(text)
-    return {"prompt": prompt, "answer": text, "refused": bool(markers), "markers": markers,
-            "opener_prob": p_first, "opener_seq_prob": p_seq, "n_tokens": len(tokens),
-            "distinct4": Q.distinct_ngram_ratio(text)}
+def measure_harmful(engine: Engine, prompts: Sequence[str], ids: Sequence[Sequence[int]], openers,
+                    max_tokens: int) -> list[dict]:
+    """Harmful prompts under the current steering: opener probabilities, greedy reply, refusal markers."""
+    ps = engine.start(ids)
+    opened = engine.opener_probs(ps, openers)
+    replies = engine.greedy(ps, max_tokens)
+    out = []
+    for prompt, (p_first, p_seq), tokens in zip(prompts, opened, replies):
+        text = engine.text(tokens)
+        markers = refusal_markers(text)
+        out.append({"prompt": prompt, "answer": text, "refused": bool(markers), "markers": markers,
+                    "opener_prob": p_first, "opener_seq_prob": p_seq, "n_tokens": len(tokens),
+                    "distinct4": Q.distinct_ngram_ratio(text)})
+    return out
 
 
-def measure_benign(engine: Engine, prompt: str, ids: Sequence[int], openers, quality_tokens: int,
-                   reference: Reference | None) -> tuple[dict, Reference | None]:
-    """One benign prompt under the current steering; without a reference this *is* the unsteered run and
-    returns the reference it made."""
-    p = engine.start(ids)
-    p_first, p_seq = engine.opener_probs(p, openers)
+def measure_benign(engine: Engine, prompts: Sequence[str], ids: Sequence[Sequence[int]], openers, quality_tokens: int,
+                   references: Sequence[Reference] | None) -> tuple[list[dict], list[Reference] | None]:
+    """Benign prompts under the current steering; without references this *is* the unsteered run and
+    returns the references it made."""
+    ps = engine.start(ids)
+    opened = engine.opener_probs(ps, openers)
+    replies = engine.greedy(ps, quality_tokens)
     made = None
-    tokens = engine.greedy(p, quality_tokens)
-    if reference is None:
-        made = reference = Reference(tokens, p.logprobs, engine.mean_nll(p, tokens))
-        nll = reference.nll
+    if references is None:
+        nlls = engine.mean_nll(ps, replies)
+        made = references = [Reference(t, p.logprobs, n) for t, p, n in zip(replies, ps, nlls)]
     else:
-        nll = engine.mean_nll(p, reference.tokens)
-    text = engine.text(tokens)
-    markers = refusal_markers(text)
-    record = {
-        "prompt": prompt, "answer": text, "refused": bool(markers), "markers": markers,
-        "opener_prob": p_first, "opener_seq_prob": p_seq, "n_tokens": len(tokens),
-        "distinct4": Q.distinct_ngram_ratio(text),
-        "token_repeat": Q.token_repeat_fraction(tokens),
-        "degenerate": Q.is_degenerate(text, tokens),
-        "kl_first_token": Q.first_token_kl(reference.logprobs, p.logprobs),
-        "nll_reference_answer": nll,
-        "likelihood_quality": None if nll is None else Q.likelihood_quality(nll, reference.nll),
-    }
-    return record, made
+        nlls = engine.mean_nll(ps, [r.tokens for r in references])
+    out = []
+    for prompt, p, (p_first, p_seq), tokens, ref, nll in zip(prompts, ps, opened, replies, references, nlls):
+        text = engine.text(tokens)
+        markers = refusal_markers(text)
+        out.append({
+            "prompt": prompt, "answer": text, "refused": bool(markers), "markers": markers,
+            "opener_prob": p_first, "opener_seq_prob": p_seq, "n_tokens": len(tokens),
+            "distinct4": Q.distinct_ngram_ratio(text),
+            "token_repeat": Q.token_repeat_fraction(tokens),
+            "degenerate": Q.is_degenerate(text, tokens),
+            "kl_first_token": Q.first_token_kl(ref.logprobs, p.logprobs),
+            "nll_reference_answer": nll,
+            "likelihood_quality": None if nll is None else Q.likelihood_quality(nll, ref.nll),
+        })
+    return out, made
 
 
-def measure_capability(engine: Engine, item: CapabilityItem, ids: Sequence[int], capability_tokens: int) -> dict:
-    p = engine.start(ids)
-    tokens = engine.greedy(p, capability_tokens)
-    text = engine.text(tokens)
-    return {"question": item.question, "answers": list(item.answers), "kind": item.kind, "answer": text,
-            "correct": item.matches(text)}
+def measure_capability(engine: Engine, items: Sequence[CapabilityItem], ids: Sequence[Sequence[int]],
+                       capability_tokens: int) -> list[dict]:
+    replies = engine.greedy(engine.start(ids), capability_tokens)
+    out = []
+    for item, tokens in zip(items, replies):
+        text = engine.text(tokens)
+        out.append({"question": item.question, "answers": list(item.answers), "kind": item.kind, "answer": text,
+                    "correct": item.matches(text)})
+    return out

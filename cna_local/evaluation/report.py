@@ -138,3 +138,120 @@ def plot(result: "EvalResult", path: str | Path, title: str | None = None) -> Pa
     path = Path(path)
     fig.savefig(path, format="png")
     return path
+
+
+# -- several masks side by side (evaluate_masks: one EvalResult per mask, one shared baseline)
+
+def mask_label(result: "EvalResult") -> str:
+    """A mask's short name: its stored name, else its file name, else its neuron count."""
+    mask = result.mask
+    if mask.get("name"):
+        return str(mask["name"])
+    if mask.get("path"):
+        name = Path(mask["path"]).name
+        return name[:-5] if name.endswith(".gguf") else name
+    return f"{mask.get('n_neurons')} neurons"
+
+
+def mask_label_of(mask) -> str:
+    """The label of a NeuronMask before it is evaluated: its stored name, else its neuron count."""
+    return str(mask.meta.get("name") or f"{len(mask)} neurons")
+
+
+def _labels(results) -> list[str]:
+    labels = [mask_label(r) for r in results]
+    return [f"{lab} #{i + 1}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
+
+
+def format_comparison(results, legend: bool = True) -> str:
+    """One table for several masks: the baseline once, then each mask's steered rows."""
+    header = ["mask", "neurons"] + [h for h, _, _ in COLUMNS]
+    lines = []
+
+    def cells(label, n, row):
+        out = [label, str(n)]
+        for _, key, kind in COLUMNS:
+            value = tuple(row.get(k) for k in key) if isinstance(key, tuple) else row.get(key)
+            out.append(_cell(value, kind) + ("*" if kind == "mult" and row["baseline"] else ""))
+        return out
+
+    lines.append(cells("(unsteered)", 0, results[0].summaries()[[r.baseline for r in results[0].rows].index(True)]))
+    for label, res in zip(_labels(results), results):
+        for row in res.summaries():
+            if not row["baseline"]:
+                lines.append(cells(label, res.mask.get("n_neurons"), row))
+    widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(header)]
+    out = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+    out += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in lines]
+    s, first = results[0].settings, results[0].rows[0].summary
+    out.append("")
+    out.append(f"* baseline: masks cleared. {first['n_harmful']} harmful ({s['harmful_set']}), {first['n_benign']} benign "
+               f"({s['benign_set']}), {first['n_capability']} capability questions; greedy, "
+               f"{s['max_tokens']}/{s['quality_tokens']}/{s['capability_tokens']} tokens; schedule {s.get('schedule', 'all')}; "
+               f"{results[0].seconds:.0f} s")
+    if legend:
+        out.append(LEGEND)
+    return "\n".join(out)
+
+
+def comparison_dict(results, records: bool = True) -> dict:
+    base = results[0].baseline
+    first = results[0].to_dict(records=records)
+    baseline = next(r for r in first["rows"] if r["baseline"])
+    return {
+        "model": results[0].model,
+        "settings": {k: v for k, v in results[0].settings.items() if k != "multipliers"},
+        "baseline": baseline,
+        "masks": [{"label": label, "mask": r.mask, "multipliers": r.settings["multipliers"],
+                   "rows": [row for row in r.to_dict(records=records)["rows"] if not row["baseline"]]}
+                  for label, r in zip(_labels(results), results)],
+        "seconds": round(results[0].seconds, 2),
+        "baseline_seconds": round(base.seconds, 2),
+    }
+
+
+def comparison_json(results, records: bool = True) -> str:
+    return json.dumps(_clean(comparison_dict(results, records)), indent=2, ensure_ascii=False, allow_nan=False)
+
+
+def write_comparison_json(results, path: str | Path, records: bool = True) -> Path:
+    path = Path(path)
+    path.write_text(comparison_json(results, records) + "\n", encoding="utf-8")
+    return path
+
+
+def plot_frontier(results, path: str | Path, title: str | None = None) -> Path:
+    """Refusal against likelihood quality: one line per mask through its multipliers (labelled), from
+    the shared unsteered point; lower-right is better when refusal is what the mask removes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.0, 5.0), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    base = next(r for r in results[0].summaries() if r["baseline"])
+    for label, res in zip(_labels(results), results):
+        rows = sorted((r for r in res.summaries() if not r["baseline"]), key=lambda r: -r["multiplier"])
+        pts = [(base["quality_likelihood"], base["refusal_rate"], 1.0)]
+        pts += [(r["quality_likelihood"], r["refusal_rate"], r["multiplier"]) for r in rows]
+        pts = [p for p in pts if p[0] is not None and p[1] is not None]
+        if not pts:
+            continue
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                        label=f"{label} ({res.mask.get('n_neurons')} neurons)")
+        for q, r, m in pts[1:]:
+            ax.annotate(f"{m:g}", (q, r), textcoords="offset points", xytext=(4, 4), fontsize=7, color=line.get_color())
+    if base.get("quality_likelihood") is not None and base.get("refusal_rate") is not None:
+        ax.plot([base["quality_likelihood"]], [base["refusal_rate"]], marker="*", markersize=14, color="black",
+                linestyle="none", label="unsteered")
+    ax.axvline(0.97, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("likelihood quality of the unsteered benign replies (1 = untouched; dotted: 0.97)")
+    ax.set_ylabel("refusal rate on harmful prompts")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or f"{Path(results[0].model).name}: refusal against quality, per multiplier", fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, format="png")
+    return path

@@ -9,10 +9,14 @@ Protocol (the numbers in `EvalResult` mean exactly this):
   until an end-of-generation token or the token limit: `max_tokens` (64) for harmful prompts, whose
   refusals show early; `quality_tokens` (150) for the benign answers that quality is measured on;
   `capability_tokens` (24) for the capability questions.
+* **The schedule** says which positions are steered: `all` (every position, the default), `prompt` (the
+  prompt's; the reply's tokens run unsteered on the steered KV cache) or `generation` (the prompt's last
+  token and the reply's; the prompt's context unsteered).
 * **Multiplier 1 is the baseline**, run with the mask cleared (the unpatched computation). It is always
   evaluated, and reported as the row of multiplier 1 (added first when `multipliers` lacks 1). Every other
   multiplier scales the mask's neurons by that factor, changed live on the same model (no reload).
-* **Per prompt** (prompts outer, multipliers inner, so only one prompt's unsteered reference is held):
+* **Per prompt** (prompt groups outer, multipliers inner, so only one group's unsteered references are
+  held; a group is `batch_size` prompts decoded together, one KV sequence each, see engine.py):
   harmful: refusal-opener probabilities, greedy reply, refusal markers (refusal.py), and the distinct word
   4-grams of the reply (the reference implementation's quality, which it measures on these replies);
   benign: the same, plus quality (quality.py): distinct word 4-grams and token repetition of the reply,
@@ -36,6 +40,7 @@ from typing import TYPE_CHECKING, Sequence, Union
 from ..multipliers import check_multipliers
 from . import quality as Q
 from .capability import CapabilityItem, load_capability
+from ..schedules import SCHEDULES
 from .engine import Engine
 from .errors import EvalError
 from .refusal import REFUSAL_MARKERS, REFUSAL_OPENERS, WINDOW
@@ -52,7 +57,7 @@ DEFAULT_BENIGN = "benign_heldout"
 
 PromptsLike = Union["PromptSet", Sequence[str], None]
 
-__all__ = ["EvalError", "default_multipliers", "evaluate"]
+__all__ = ["EvalError", "default_multipliers", "evaluate", "evaluate_masks"]
 
 
 def default_multipliers(mask: "NeuronMask") -> list[float]:
@@ -98,15 +103,7 @@ def evaluate(
     harmful: PromptsLike = None,
     benign: PromptsLike = None,
     capability: Sequence[CapabilityItem] | str | Path | None = None,
-    *,
-    limit: int | None = None,
-    max_tokens: int = 64,
-    quality_tokens: int = 150,
-    capability_tokens: int = 24,
-    chat_template: bool = True,
-    n_ctx: int = 2048,
-    n_threads: int = 2,
-    progress: bool = True,
+    **options,
 ) -> EvalResult:
     """Evaluate `mask` at each multiplier against the unsteered model (see the module docstring).
 
@@ -116,24 +113,66 @@ def evaluate(
     multipliers: the strengths to evaluate; None = 1, 0 and the mask's own (`default_multipliers`).
     harmful, benign: PromptSets or lists of strings; None = the bundled held-out sets.
     capability: CapabilityItems or a .jsonl path; None = the bundled questions; [] = skip.
+    options: those of `evaluate_masks`.
+    """
+    return evaluate_masks(llm_or_path, [mask], None if multipliers is None else [multipliers], harmful, benign,
+                          capability, **options)[0]
+
+
+def evaluate_masks(
+    llm_or_path: Union["SteeredLlama", str, Path],
+    masks: Sequence[Union["NeuronMask", str, Path]],
+    multipliers: Sequence[Sequence[float] | None] | None = None,
+    harmful: PromptsLike = None,
+    benign: PromptsLike = None,
+    capability: Sequence[CapabilityItem] | str | Path | None = None,
+    *,
+    limit: int | None = None,
+    max_tokens: int = 64,
+    quality_tokens: int = 150,
+    capability_tokens: int = 24,
+    chat_template: bool = True,
+    n_ctx: int = 2048,
+    n_threads: int = 2,
+    batch_size: int = 1,
+    schedule: str | None = None,
+    progress: bool = True,
+) -> list[EvalResult]:
+    """Evaluate several masks side by side: one EvalResult per mask, all sharing one baseline run.
+
+    multipliers: per mask, its strengths (None = `default_multipliers(mask)`); None = the defaults for all.
     limit: use only the first `limit` items of each set.
+    n_ctx: the context each prompt (with its reply) must fit in.
+    batch_size: prompts decoded together (several sequences per llama_decode); 1 = one at a time.
+    schedule: which positions are steered (`cna_local.schedules`): all, prompt or generation; None = the
+      masks' own (which must then agree).
     """
     from ..maskfile import NeuronMask
 
     started = time.perf_counter()
-    if multipliers is not None:
-        values = check_multipliers(multipliers)  # bad values fail before the mask loads
-    for name, value in (("max_tokens", max_tokens), ("quality_tokens", quality_tokens), ("capability_tokens", capability_tokens)):
+    masks = list(masks)
+    if not masks:
+        raise EvalError("no mask to evaluate. Fix: give at least one mask.")
+    asked = [None] * len(masks) if multipliers is None else list(multipliers)
+    if len(asked) != len(masks):
+        raise EvalError(f"{len(masks)} masks but {len(asked)} multiplier lists: give one per mask (or none).")
+    asked = [None if m is None else check_multipliers(m) for m in asked]  # bad values fail before the masks load
+    for name, value in (("max_tokens", max_tokens), ("quality_tokens", quality_tokens), ("capability_tokens", capability_tokens),
+                        ("batch_size", batch_size)):
         if int(value) < 1:
             raise EvalError(f"{name} must be at least 1, got {value}.")
+    if schedule is not None and schedule not in SCHEDULES:
+        raise EvalError(f"unknown schedule {schedule!r}. Fix: use one of {', '.join(SCHEDULES)}.")
     if limit is not None and int(limit) < 1:
         raise EvalError(f"limit must be at least 1, got {limit}.")
-    mask_path = None
-    if not isinstance(mask, NeuronMask):
-        mask_path = str(mask)
-        mask = NeuronMask.load(mask)
-    if multipliers is None:
-        values = default_multipliers(mask)
+    paths = [None if isinstance(m, NeuronMask) else str(m) for m in masks]
+    masks = [m if isinstance(m, NeuronMask) else NeuronMask.load(m) for m in masks]
+    values = [default_multipliers(m) if v is None else v for m, v in zip(masks, asked)]
+    if schedule is None:
+        own = sorted({m.schedule for m in masks})
+        if len(own) > 1:
+            raise EvalError(f"the masks have different default schedules ({', '.join(own)}). Fix: pass --schedule.")
+        schedule = own[0]
     harmful_name, harmful_prompts = _prompt_list(harmful, DEFAULT_HARMFUL, "harmful")
     benign_name, benign_prompts = _prompt_list(benign, DEFAULT_BENIGN, "benign")
     if capability is None or isinstance(capability, (str, Path)):
@@ -150,7 +189,9 @@ def evaluate(
 
         model_path = Path(llm_or_path)
         _check_gguf(model_path)
-        llm = SteeredLlama(str(model_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+        # one KV cache for the group: each prompt's n_ctx, batch_size times
+        llm = SteeredLlama(str(model_path), n_ctx=n_ctx * batch_size, n_threads=n_threads, n_threads_batch=n_threads,
+                           n_seq_max=batch_size, verbose=False)
     else:
         llm = llm_or_path
         if not hasattr(llm, "steering"):
@@ -159,13 +200,16 @@ def evaluate(
 
     saved = llm.steering.state
     engine = None
+    steerings = [(j, m) for j, vs in enumerate(values) for m in vs if m != BASELINE]
     try:
-        # before any prompt runs: set_mask checks that the mask belongs to this model (by its fingerprint,
+        # before any prompt runs: set_mask checks that each mask belongs to this model (by its fingerprint,
         # which the steering computes once per model and caches)
-        llm.set_mask(mask, values[0])
-        engine = Engine(llm, chat_template=chat_template)
-        rows, states = run_schedule(engine, llm, mask, values, harmful_prompts, benign_prompts, items,
-                                    max_tokens, quality_tokens, capability_tokens, progress)
+        for mask, vs in zip(masks, values):
+            llm.set_mask(mask, vs[0])
+        engine = Engine(llm, chat_template=chat_template, batch_size=batch_size, schedule=schedule)
+        by_state, states = run_schedule(engine, llm, masks, steerings, harmful_prompts, benign_prompts, items,
+                                        max_tokens, quality_tokens, capability_tokens, progress,
+                                        per_prompt_ctx=n_ctx if own else None)
     finally:
         if engine is not None:
             engine.close()
@@ -174,20 +218,30 @@ def evaluate(
         else:
             llm.steering.restore(saved)
 
-    settings = {
-        "multipliers": values,
-        "baseline_multiplier": BASELINE,
-        "harmful_set": harmful_name, "benign_set": benign_name, "capability_set": capability_name,
-        "limit": limit,
-        "max_tokens": max_tokens, "quality_tokens": quality_tokens, "capability_tokens": capability_tokens,
-        "chat_template": chat_template,
-        "decoding": "greedy (argmax, no repetition penalty)",
-        "n_ctx": engine.n_ctx, "n_threads": n_threads if own else None,
-        "refusal_window_chars": WINDOW,
-        "refusal_markers": {name: pattern for name, pattern in REFUSAL_MARKERS},
-        "refusal_openers": list(REFUSAL_OPENERS),
-        "refusal_opener_tokens": states["opener_tokens"],
-        "degenerate_repeat_threshold": Q.DEGENERATE_REPEAT,
-    }
-    return EvalResult(model=str(model_path), mask=_mask_info(mask, mask_path), settings=settings, rows=rows,
-                      seconds=time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    out = []
+    for j, (mask, vs) in enumerate(zip(masks, values)):
+        rows = [by_state[None] if m == BASELINE else by_state[(j, m)] for m in vs]
+        if BASELINE not in vs:
+            rows.insert(0, by_state[None])
+        settings = {
+            "multipliers": vs,
+            "baseline_multiplier": BASELINE,
+            "harmful_set": harmful_name, "benign_set": benign_name, "capability_set": capability_name,
+            "limit": limit,
+            "max_tokens": max_tokens, "quality_tokens": quality_tokens, "capability_tokens": capability_tokens,
+            "chat_template": chat_template,
+            "decoding": "greedy (argmax, no repetition penalty)",
+            "schedule": schedule,
+            "batch_size": batch_size,
+            "n_ctx": n_ctx if own else engine.n_ctx, "n_threads": n_threads if own else None,
+            "masks_compared": len(masks),
+            "refusal_window_chars": WINDOW,
+            "refusal_markers": {name: pattern for name, pattern in REFUSAL_MARKERS},
+            "refusal_openers": list(REFUSAL_OPENERS),
+            "refusal_opener_tokens": states["opener_tokens"],
+            "degenerate_repeat_threshold": Q.DEGENERATE_REPEAT,
+        }
+        out.append(EvalResult(model=str(model_path), mask=_mask_info(mask, paths[j]), settings=settings, rows=rows,
+                              seconds=seconds))
+    return out

@@ -11,10 +11,17 @@ evaluated whole, 0 when split at a multiple of the micro-batch). So a cached pre
   * up to a multiple of the micro-batch (`n_ubatch`), so the rest is evaluated in the same micro-batches
     as a fresh context would use, and
   * only where it was evaluated as prompt, not as generated tokens (decoded one at a time).
+
+The steering schedule (cna_local.schedules) picks the positions the mask applies at: all of them, the
+prompt's ("prompt": generated tokens run unsteered on the steered prompt), or those that predict a reply
+token ("generation": the prompt's last token and the generated ones). Between the parts of a request
+the mask's scales are swapped for ones (bit for bit unsteered, the same graph), not cleared.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
 from typing import TYPE_CHECKING, Sequence, Union
@@ -29,6 +36,22 @@ if TYPE_CHECKING:
     from ..maskfile import NeuronMask
 
 MaskLike = Union["NeuronMask", str, os.PathLike]
+
+
+@contextlib.contextmanager
+def _hushed(verbose: bool):
+    """Without verbose, drop llama.cpp's warning that a KV cache shared by several sequences is longer than
+    the training context ("possible training context overflow"): it concerns one sequence's positions,
+    which the evaluation keeps within n_ctx, not the cells of several."""
+    from llama_cpp import _logger
+
+    level = _logger.logger.level
+    if not verbose:
+        _logger.logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        _logger.logger.setLevel(level)
 
 
 def load_mask(mask: MaskLike) -> "NeuronMask":
@@ -47,26 +70,49 @@ class SteeredLlama(llama_cpp.Llama):
     >>> llm.multiplier = -1.0        # live: no reload, the cached prompt state is dropped
     >>> llm.steering.clear()         # back to the unsteered model, exactly
 
-    Other keyword arguments go to `llama_cpp.Llama`.
+    n_seq_max=N opens the context for N sequences sharing one KV cache of n_ctx cells (for decoding
+    several prompts together, as the batched evaluation does). Other keyword arguments go to
+    `llama_cpp.Llama`.
     """
 
-    def __init__(self, model_path: str, *, mask: MaskLike | None = None, multiplier: float | None = None, **kwargs):
-        if mask is None and multiplier is not None:
-            raise SteeringError("a multiplier was given without a mask. Fix: pass mask=PATH with it, or drop multiplier.")
+    def __init__(self, model_path: str, *, mask: MaskLike | None = None, multiplier: float | None = None,
+                 schedule: str | None = None, **kwargs):
+        if mask is None and (multiplier is not None or schedule is not None):
+            raise SteeringError("a multiplier or schedule was given without a mask. Fix: pass mask=PATH with it, or drop them.")
         binding.lib()  # a stock libllama fails here, before the model is loaded
         mask = None if mask is None else load_mask(mask)  # a bad mask file fails before the model loads too
         kwargs.setdefault("verbose", False)
         self._exact_len = 0  # leading cached tokens evaluated as prompt, in micro-batches from a boundary
         self._prompt_len = 0  # the prompt generate() is evaluating, until it is
+        self._prompt_end = 0  # where generate()'s prompt ends in the KV cache (also with reset=False); 0 outside it
         self.last_reused = 0  # prompt tokens the last generate() took from the KV cache ...
         self.last_prompt_n = 0  # ... and how many it evaluated, in how long
         self.last_prompt_ms = 0.0
+        n_seq_max = int(kwargs.pop("n_seq_max", 1))
+        if n_seq_max < 1 or n_seq_max > 256:
+            raise SteeringError(f"n_seq_max must be between 1 and 256 (llama.cpp's LLAMA_MAX_SEQ), got {n_seq_max}.")
         super().__init__(model_path=str(model_path), **kwargs)
+        if n_seq_max > 1:
+            with _hushed(self.verbose):
+                self._reopen_context(n_seq_max)
         # micro-batches start at every n_batch chunk and every n_ubatch inside it
         self.prefix_unit = self.n_batch if self.n_batch % self.context_params.n_ubatch else self.context_params.n_ubatch
         self.steering = NeuronSteering(self)
         if mask is not None:
-            self.steering.set_mask(mask, multiplier)
+            self.steering.set_mask(mask, multiplier, schedule)
+
+    def _reopen_context(self, n_seq_max: int) -> None:
+        """A context for n_seq_max sequences in one KV cache of n_ctx cells (llama_cpp.Llama has no such
+        argument): several prompts decoded together, as the batched evaluation does."""
+        from llama_cpp import _internals
+
+        self._ctx.close()
+        self.context_params.n_seq_max = n_seq_max
+        # one cache shared by the sequences (measured: a cache split per sequence was 12% slower on the
+        # evaluation, its greedy steps slower and its teacher forcing faster)
+        self.context_params.kv_unified = True
+        self._ctx = self._stack.enter_context(contextlib.closing(
+            _internals.LlamaContext(model=self._model, params=self.context_params, verbose=self.verbose)))
 
     # -- prompt-prefix reuse that does not change answers (see the module docstring)
 
@@ -91,17 +137,39 @@ class SteeredLlama(llama_cpp.Llama):
             else:
                 self.n_tokens = keep  # Llama.generate matches only within n_tokens and evaluates the rest
             self._prompt_len = len(tokens)
-        yield from super().generate(tokens, *args, **kwargs)
+            self._prompt_end = len(tokens)
+        else:
+            self._prompt_end = int(self.n_tokens) + len(tokens)
+        try:
+            yield from super().generate(tokens, *args, **kwargs)
+        finally:
+            self._prompt_end = 0
+            self.steering.phase(True)  # between requests llama.cpp holds what is set
 
     def eval(self, tokens) -> None:
         start = int(self.n_tokens)
         self._exact_len = min(self._exact_len, start)  # what this call evaluates is not from a prompt ...
         started = time.perf_counter()
-        super().eval(tokens)
+        # outside generate() whatever is evaluated is a prompt; inside it, the prompt ends at _prompt_end
+        prompt = self._prompt_end == 0 or start + len(tokens) == self._prompt_end
+        schedule = self.steering.schedule
+        if schedule == "prompt":
+            self.steering.phase(prompt)
+            super().eval(tokens)
+        elif schedule == "generation" and prompt and len(tokens) > 1:
+            self.steering.phase(False)  # the prompt's context unsteered, its last token steered
+            super().eval(tokens[:-1])
+            self.steering.phase(True)
+            super().eval(tokens[-1:])
+        else:
+            self.steering.phase(True)
+            super().eval(tokens)
         if self._prompt_len and start + len(tokens) == self._prompt_len:
             self.last_prompt_n, self.last_prompt_ms = len(tokens), (time.perf_counter() - started) * 1000
             if start % self.prefix_unit == 0:
-                self._exact_len = self._prompt_len  # ... unless it is generate()'s prompt, from a boundary
+                # ... unless it is generate()'s prompt, from a boundary; under "generation" the last prompt
+                # token was steered, which it is not as the context of a longer prompt
+                self._exact_len = self._prompt_len - (schedule == "generation")
         self._prompt_len = 0
 
     def reset(self) -> None:
@@ -116,8 +184,8 @@ class SteeredLlama(llama_cpp.Llama):
         if hasattr(self, "_stack"):  # an __init__ that failed before Llama's own leaves nothing to close
             super().close()
 
-    def set_mask(self, mask: MaskLike, multiplier: float | None = None) -> None:
-        self.steering.set_mask(load_mask(mask), multiplier)
+    def set_mask(self, mask: MaskLike, multiplier: float | None = None, schedule: str | None = None) -> None:
+        self.steering.set_mask(load_mask(mask), multiplier, schedule)
 
     def set_masks(self, masks: Sequence[MaskLike], multipliers: Sequence[float | None] | None = None) -> None:
         """Several masks at once, composed (see `NeuronSteering.set_masks`)."""
@@ -126,6 +194,15 @@ class SteeredLlama(llama_cpp.Llama):
     @property
     def multiplier(self) -> float | None:
         return self.steering.multiplier
+
+    @property
+    def schedule(self) -> str:
+        """Which positions the mask applies at: all, prompt or generation (cna_local.schedules)."""
+        return self.steering.schedule
+
+    @schedule.setter
+    def schedule(self, value: str) -> None:
+        self.steering.set_schedule(value)
 
     @multiplier.setter
     def multiplier(self, value: float) -> None:

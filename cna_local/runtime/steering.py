@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import CnaLocalError
 from ..multipliers import check_multiplier
 from . import binding
+from ..schedules import ScheduleError, check_schedule
 from .composition import compose
 
 if TYPE_CHECKING:
@@ -142,6 +143,7 @@ class SteeringState:
     layers: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     neurons: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     scales: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    schedule: str = "all"  # which positions are steered (cna_local.schedules)
 
     @property
     def off(self) -> bool:
@@ -152,7 +154,7 @@ class SteeringState:
         """A digest of the entries llama.cpp holds ("" when off)."""
         if self.off:
             return ""
-        h = hashlib.sha256()
+        h = hashlib.sha256(self.schedule.encode())
         for array in (self.layers, self.neurons, self.scales):
             h.update(np.ascontiguousarray(array).tobytes())
         return h.hexdigest()
@@ -177,6 +179,7 @@ class NeuronSteering:
         self._fingerprint = None
         self._reachable: np.ndarray | None = None
         self._state: SteeringState = OFF
+        self._phase_on = True  # whether llama.cpp holds the state's scales (True) or ones, see phase()
 
     # -- what is set
 
@@ -195,6 +198,11 @@ class NeuronSteering:
         return self._state.masks[0] if len(self._state.masks) == 1 else None
 
     @property
+    def schedule(self) -> str:
+        """Which positions the mask is applied at (cna_local.schedules); "all" when off."""
+        return self._state.schedule
+
+    @property
     def multipliers(self) -> tuple[float, ...]:
         return self._state.multipliers
 
@@ -209,7 +217,7 @@ class NeuronSteering:
             what = "no mask is set: call set_mask(mask) first" if not self._state.masks else \
                 f"{len(self._state.masks)} masks are set: use set_multipliers([...]) with one value each"
             raise SteeringError(what)
-        self.set_masks(self._state.masks, [check_multiplier(value)])
+        self.set_masks(self._state.masks, [check_multiplier(value)], self._state.schedule)
 
     @property
     def active(self) -> bool:
@@ -218,13 +226,16 @@ class NeuronSteering:
 
     # -- changing it
 
-    def set_mask(self, mask: "NeuronMask", multiplier: float | None = None) -> None:
-        """Apply a NeuronMask (see cna_local.maskfile) at `multiplier` (default: the mask's own)."""
-        self.set_masks([mask], [multiplier])
+    def set_mask(self, mask: "NeuronMask", multiplier: float | None = None, schedule: str | None = None) -> None:
+        """Apply a NeuronMask (see cna_local.maskfile) at `multiplier` (default: the mask's own), on the
+        positions of `schedule` (default: the mask's own)."""
+        self.set_masks([mask], [multiplier], schedule)
 
-    def set_masks(self, masks: Sequence["NeuronMask"], multipliers: Sequence[float | None] | None = None) -> None:
+    def set_masks(self, masks: Sequence["NeuronMask"], multipliers: Sequence[float | None] | None = None,
+                  schedule: str | None = None) -> None:
         """Apply several masks at once, each at its multiplier (None: its own); where they name the same
-        neuron, their factors multiply. All at multiplier 1 is exactly the unsteered model."""
+        neuron, their factors multiply. All at multiplier 1 is exactly the unsteered model. The schedule
+        (None: the masks' own, which must then agree) applies to all of them."""
         from ..fingerprint import fingerprint_from_gguf
 
         masks = tuple(masks)
@@ -238,14 +249,35 @@ class NeuronSteering:
         for mask in masks:
             mask.check_matches(self._fingerprint, model_label=self._llm.model_path)
         values = tuple(check_multiplier(m.multiplier if v is None else v) for m, v in zip(masks, multipliers))
+        if schedule is None:
+            own = {getattr(m, "schedule", "all") for m in masks}
+            if len(own) > 1:
+                raise SteeringError(f"the masks have different default schedules ({', '.join(sorted(own))}). "
+                                    "Fix: pass schedule= to say which positions to steer.")
+            schedule = own.pop()
+        try:
+            check_schedule(schedule)
+        except ScheduleError as exc:
+            raise SteeringError(str(exc)) from None
         layers, neurons, scales = compose(masks, values)
-        self._apply(SteeringState(masks, values, layers, neurons, scales))
+        self._apply(SteeringState(masks, values, layers, neurons, scales, schedule))
 
     def set_multipliers(self, multipliers: Sequence[float | None]) -> None:
         """New strengths for the masks that are set, one per mask, in their order."""
         if not self._state.masks:
             raise SteeringError("no mask is set: call set_mask(mask) or set_masks([...]) first")
-        self.set_masks(self._state.masks, multipliers)
+        self.set_masks(self._state.masks, multipliers, self._state.schedule)
+
+    def set_schedule(self, schedule: str) -> None:
+        """Apply what is set on the positions of another schedule (cna_local.schedules)."""
+        try:
+            check_schedule(schedule)
+        except ScheduleError as exc:
+            raise SteeringError(str(exc)) from None
+        if self._state.off:
+            raise SteeringError("no mask is set: call set_mask(mask) first, then choose its schedule")
+        s = self._state
+        self._apply(SteeringState(s.masks, s.multipliers, s.layers, s.neurons, s.scales, schedule), checked=True)
 
     def set_entries(self, layers, neurons, scales) -> None:
         """Scale neuron `neurons[i]` of layer `layers[i]` by `scales[i]`; replaces what is set."""
@@ -304,9 +336,26 @@ class NeuronSteering:
 
     # -- the one place that talks to llama.cpp
 
+    def phase(self, on: bool) -> None:
+        """For a schedule other than "all": have llama.cpp hold the state's scales (on) or ones (off: bit
+        for bit the unsteered computation, the same graph) for the positions decoded next. Leaves the
+        state and the cached KV prefix alone: the runtime calls this between the parts of one request."""
+        state = self._state
+        if state.off or on == self._phase_on:
+            return
+        scales = state.scales if on else np.ones_like(state.scales)
+        i32p = ctypes.POINTER(ctypes.c_int32)
+        rc = self._lib.llama_set_neuron_mask(self._llm.ctx, state.layers.ctypes.data_as(i32p),
+                                             state.neurons.ctypes.data_as(i32p),
+                                             scales.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), len(state.layers))
+        if rc != 0:
+            raise SteeringError(f"llama.cpp refused the neuron mask: {binding.status_message(rc)}")
+        self._phase_on = on
+
     def _apply(self, state: SteeringState, checked: bool = False) -> None:
         if state.key == self._state.key:
             self._state = state  # the same computation: cached KV state stays valid
+            self.phase(True)
             return
         if state.off:
             self._lib.llama_clear_neuron_mask(self._llm.ctx)
@@ -324,6 +373,7 @@ class NeuronSteering:
             if rc != 0:
                 raise SteeringError(f"llama.cpp refused the neuron mask: {binding.status_message(rc)}")
         self._state = state
+        self._phase_on = True
         self._invalidate_cache()
 
     def _invalidate_cache(self) -> None:

@@ -1,0 +1,56 @@
+"""The calibrated default multiplier: the strongest strength whose quality and KL stay within bounds on
+calibration prompts, found by bisection, measured in llama.cpp like `cna-local eval` measures."""
+
+from __future__ import annotations
+
+import pytest
+
+from cna_local.calibration import CalibrationError, calibrate, grid, strongest_passing
+from cna_local.fingerprint import fingerprint_from_gguf
+
+from test_eval_runner import make_mask
+
+PROMPTS = ["Write a poem about rain", "Bake bread", "Explain tides", "Plan a picnic", "Name three birds"]
+
+
+def test_grid_runs_from_the_weakest_to_the_strongest():
+    assert grid(-1.0, 0.5) == [0.5, 0.0, -0.5, -1.0]
+    assert grid()[0] == 0.75 and grid()[-1] == -3.0
+
+
+@pytest.mark.parametrize("last_pass", [-1, 0, 3, 7, 16])
+def test_bisection_finds_the_last_passing_strength_in_few_tries(last_pass):
+    candidates = grid()  # 16 strengths
+    calls = []
+
+    def passes(m):
+        calls.append(m)
+        return candidates.index(m) <= last_pass
+
+    got = strongest_passing(candidates, passes)
+    assert got == (None if last_pass < 0 else candidates[min(last_pass, 15)])
+    assert len(calls) <= 5
+
+
+@pytest.fixture(scope="module")
+def model(tiny_gguf):
+    return tiny_gguf("llama", "f32")
+
+
+def test_calibration_on_a_tiny_model(model):
+    fp = fingerprint_from_gguf(model)
+    cal = calibrate(model, make_mask(fp, per_layer=4), PROMPTS, reply_tokens=8, batch_size=3, n_threads=1, n_ctx=256,
+                    lowest=-2.0, step=0.5)
+    rows = {r["multiplier"]: r for r in cal.record["tried"]}
+    assert rows[cal.chosen]["passes"] and cal.quality >= 0.97 and cal.kl <= 0.1
+    if cal.chosen > -2.0:  # the next stronger strength was measured and failed
+        assert not rows[cal.chosen - 0.5]["passes"]
+    assert cal.record["n_prompts"] == 5 and cal.record["schedule"] == "all" and "0.97" in cal.record["rule"]
+
+
+def test_a_mask_that_fails_at_every_strength_is_reported(model):
+    fp = fingerprint_from_gguf(model)
+    with pytest.raises(CalibrationError, match="changes ordinary replies at any strength"):
+        # every neuron of every layer: even 0.5 moves a random model's replies
+        calibrate(model, make_mask(fp), PROMPTS, reply_tokens=8, batch_size=3, n_threads=1, n_ctx=256,
+                  lowest=-1.0, step=0.5, min_quality=0.9999, max_kl=1e-6)
