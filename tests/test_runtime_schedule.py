@@ -137,3 +137,18 @@ def test_a_bad_schedule_in_a_file_is_refused_by_name(mask, tmp_path):
     assert field is not None
     with pytest.raises(MaskFileError, match="schedule entry is 'sometimes'"):
         NeuronMask.load(tmp_path / "bad.gguf")
+
+
+def test_a_server_refuses_masks_that_steer_different_positions(mask, tmp_path):
+    from cna_local.errors import CnaLocalError
+    from cna_local.serve.masks import MaskRegistry
+
+    a = mask.save(tmp_path / "a.gguf")
+    mask.schedule = "generation"
+    try:
+        b = mask.save(tmp_path / "b.gguf")
+    finally:
+        mask.schedule = "all"
+    with pytest.raises(CnaLocalError, match=r"different default schedules .*b.gguf: generation"):
+        MaskRegistry.load([a, b])
+    assert [m["schedule"] for m in MaskRegistry.load([b, b]).describe()] == ["generation", "generation"]

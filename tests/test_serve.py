@@ -99,7 +99,7 @@ def test_models_and_masks_are_listed(server, files):
     masks = client.get("/neuron-masks").json()
     assert [(m["id"], m["name"], m["neurons"], m["multiplier"]) for m in masks] == [
         (0, "refusal", 288, A_DEFAULT), (1, "style", 288, B_DEFAULT)]
-    assert masks[0]["path"] == str(files["a"])
+    assert masks[0]["path"] == str(files["a"]) and masks[0]["schedule"] == "all"
 
 
 @pytest.mark.parametrize("path, body, method", [

@@ -2,6 +2,7 @@
 side by side in one run, on one model and mask.
 
     python tools/bench_eval.py --mask refusal.gguf [--model default] [--limit 16] [--batch-sizes 1,8]
+    python tools/bench_eval.py --decode-rates      # only: ms per decode step with 1..64 sequences
 
 For each batch size: wall time of `evaluate` (the same prompts, multipliers and token budgets as
 `cna-local eval`), and against the first batch size: how many greedy replies differ (per set and
@@ -76,16 +77,46 @@ def logit_gap(model, mask, prompts, batch_size: int, threads: int) -> dict:
     return out
 
 
+def decode_rates(model, threads: int, sizes=(1, 4, 8, 16, 32, 64), steps: int = 8) -> dict:
+    """What batching can gain at most: ms per decode step with B sequences (one token each, logits for
+    each), and the rate of a 256-token prompt with logits at its last / every position."""
+    from cna_local.evaluation.engine import Engine, _Segment
+    from cna_local.runtime import SteeredLlama
+
+    llm = SteeredLlama(str(model), n_ctx=64 * max(sizes), n_seq_max=max(sizes), n_threads=threads, n_threads_batch=threads)
+    out = {}
+    try:
+        e = Engine(llm, batch_size=max(sizes))
+        prompt = e.encode("Hello")
+        for b in sizes:
+            ps = e.start([prompt] * b)
+            t0 = time.perf_counter()
+            for s in range(steps):
+                e._run([_Segment(p.seq, len(prompt) + s, [prompt[-1]], "last") for p in ps], lambda *a: None)
+            ms = (time.perf_counter() - t0) / steps * 1000
+            out[f"decode {b}"] = {"ms_per_step": round(ms, 1), "tokens_per_s": round(b / ms * 1000, 1)}
+        for mode in ("last", "all"):
+            e._forget()
+            t0 = time.perf_counter()
+            e._run([_Segment(0, 0, [prompt[-1]] * 256, mode)], lambda *a: None)
+            out[f"prompt 256, logits {mode}"] = {"tokens_per_s": round(256 / (time.perf_counter() - t0), 1)}
+        e.close()
+    finally:
+        llm.close()
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
-    ap.add_argument("--mask", required=True)
+    ap.add_argument("--mask", default=None, help="required unless --decode-rates")
     ap.add_argument("--limit", type=int, default=16, help="prompts of each held-out set (and capability questions)")
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--multipliers", default=None, help="default: 1, 0 and the mask's own (as `cna-local eval`)")
     ap.add_argument("--schedule", default="all")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--decode-rates", action="store_true", help="only measure decode steps per batch size (fast)")
     args = ap.parse_args(argv)
 
     from cna_local.evaluation.runner import evaluate
@@ -94,6 +125,12 @@ def main(argv=None) -> int:
     from cna_local.prompts import load_bundled
 
     model = resolve_model(args.model)
+    if args.decode_rates:
+        rates = decode_rates(model, args.threads)
+        print(json.dumps({"machine": cpu_name(), "threads": args.threads, "model": model.name, **rates}, indent=1))
+        return 0
+    if args.mask is None:
+        ap.error("--mask is required (or --decode-rates)")
     mask = NeuronMask.load(args.mask)
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     mults = None if args.multipliers is None else [float(x) for x in args.multipliers.split(",")]

@@ -159,7 +159,12 @@ def mask_label_of(mask) -> str:
 
 
 def _labels(results) -> list[str]:
+    """Each mask's label; where two share a stored name, their file names instead, then numbers."""
     labels = [mask_label(r) for r in results]
+    shared = {lab for lab in labels if labels.count(lab) > 1}
+    for i, r in enumerate(results):
+        if labels[i] in shared and r.mask.get("path"):
+            labels[i] = mask_label(type(r)(r.model, {**r.mask, "name": ""}, r.settings, r.rows, r.seconds))
     return [f"{lab} #{i + 1}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
 
 

@@ -46,7 +46,13 @@ class MaskRegistry:
 
     @classmethod
     def load(cls, paths: Sequence[str | Path]) -> "MaskRegistry":
-        return cls([MaskSlot(i, str(p), NeuronMask.load(p)) for i, p in enumerate(paths)])
+        slots = [MaskSlot(i, str(p), NeuronMask.load(p)) for i, p in enumerate(paths)]
+        schedules = {s.mask.schedule for s in slots}
+        if len(schedules) > 1:  # composed masks steer the same positions
+            raise CnaLocalError("the masks have different default schedules (" + ", ".join(
+                f"{s.path}: {s.mask.schedule}" for s in slots) + "). Fix: make them with the same "
+                "`cna-local attribute --schedule`, or serve them separately.")
+        return cls(slots)
 
     def masks(self) -> list[NeuronMask]:
         return [s.mask for s in self.slots]
@@ -56,10 +62,10 @@ class MaskRegistry:
             return list(self._multipliers)
 
     def describe(self) -> list[dict]:
-        """GET /neuron-masks: [{"id", "path", "name", "neurons", "multiplier", "default_multiplier"}]"""
+        """GET /neuron-masks: [{"id", "path", "name", "neurons", "multiplier", "default_multiplier", "schedule"}]"""
         current = self.multipliers()
         return [{"id": s.id, "path": s.path, "name": s.name, "neurons": len(s.mask), "multiplier": current[s.id],
-                 "default_multiplier": float(s.mask.multiplier)} for s in self.slots]
+                 "default_multiplier": float(s.mask.multiplier), "schedule": s.mask.schedule} for s in self.slots]
 
     def set_server_wide(self, body: Any) -> None:
         """POST /neuron-masks: [{"id": 0, "multiplier": 0}, ...] changes the multipliers of those masks."""
