@@ -312,23 +312,24 @@ def read_mask(path: str | Path) -> NeuronMask:
         raise MaskFileError(f"{path} says it is a version {version} mask; mask versions start at 1. The file is damaged. Fix: make it again with `cna-local attribute`.")
     if version > FORMAT_VERSION:
         raise MaskFileError(f"{path} is a version {version} mask; this cna-local reads up to version {FORMAT_VERSION}. Fix: upgrade cna-local.")
-    try:
-        selection = json.loads(value(KEY_PREFIX + "selection", str, default="") or "{}")
-    except json.JSONDecodeError:
-        raise MaskFileError(f"{path}: the selection entry is not valid JSON. Fix: make the mask again with `cna-local attribute`.") from None
-    if not isinstance(selection, dict):
-        raise MaskFileError(f"{path}: the selection entry is {type(selection).__name__} JSON, not an object. Fix: make the mask again with `cna-local attribute`.")
+
+    def json_object(name: str) -> dict:
+        """An optional string entry holding a JSON object ({} when absent)."""
+        try:
+            obj = json.loads(value(KEY_PREFIX + name, str, default="") or "{}")
+        except json.JSONDecodeError:
+            raise MaskFileError(f"{path}: the {name} entry is not valid JSON. Fix: make the mask again with `cna-local attribute`.") from None
+        if not isinstance(obj, dict):
+            raise MaskFileError(f"{path}: the {name} entry is {type(obj).__name__} JSON, not an object. Fix: make the mask again with `cna-local attribute`.")
+        return obj
+
+    selection = json_object("selection")
     schedule = value(KEY_PREFIX + "schedule", str, default="all")
     if schedule not in SCHEDULES:
         raise MaskFileError(f"{path}: the schedule entry is {schedule!r}, not one of {', '.join(SCHEDULES)}. Fix: make the mask again with `cna-local attribute`.")
     if version < 2 and schedule != "all":
         raise MaskFileError(f"{path} is a version {version} mask with a schedule entry, which only version 2 has; the file is damaged. Fix: make it again.")
-    try:
-        calibration = json.loads(value(KEY_PREFIX + "calibration", str, default="") or "{}")
-    except json.JSONDecodeError:
-        raise MaskFileError(f"{path}: the calibration entry is not valid JSON. Fix: make the mask again with `cna-local attribute`.") from None
-    if not isinstance(calibration, dict):
-        raise MaskFileError(f"{path}: the calibration entry is {type(calibration).__name__} JSON, not an object. Fix: make the mask again with `cna-local attribute`.")
+    calibration = json_object("calibration")
 
     # Informational strings are optional: GGUFWriter silently skips empty strings.
     per_layer: dict[int, dict[str, np.ndarray]] = {}
