@@ -147,12 +147,13 @@ def test_several_masks_side_by_side_in_one_table_json_and_frontier_plot(files):
     lines = result.stdout.splitlines()
     assert lines[0].split()[:2] == ["mask", "neurons"]
     assert lines[1].startswith("(unsteered)")  # the one baseline, then two rows per mask
-    assert sum(line.startswith("test mask") for line in lines) == 4
+    # both masks are named "test mask": their file names tell them apart
+    assert sum(line.split()[0] in ("mask", "strong") for line in lines[2:6]) == 4
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads(out_json.read_text())
     assert set(data) == {"model", "settings", "baseline", "masks", "seconds", "baseline_seconds"}
     assert data["baseline"]["baseline"] is True and data["settings"]["batch_size"] == 2
-    assert [m["label"] for m in data["masks"]] == ["test mask #1", "test mask #2"]
+    assert [m["label"] for m in data["masks"]] == ["mask", "strong"]
     assert all([r["multiplier"] for r in m["rows"]] == [0.0, -1.0] for m in data["masks"])
     # the same mask and strength give the same numbers, whichever mask's row they sit in
     a, b = (m["rows"][0] for m in data["masks"])
