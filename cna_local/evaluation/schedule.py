@@ -20,7 +20,6 @@ from .measures import measure_benign, measure_capability, measure_harmful
 from .refusal import REFUSAL_OPENERS, prefix_free
 from .results import BASELINE, MultiplierResult, summarize
 
-Steering = "tuple[int, float] | None"  # None: the baseline
 
 
 def groups(n: int, size: int) -> list[range]:
