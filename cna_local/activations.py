@@ -17,66 +17,14 @@ from __future__ import annotations
 
 import inspect
 import sys
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .errors import CnaLocalError
-from .loading import LoadedModel, decoder_layers
+from .activation_stats import ActivationError, ActivationStats, as_source  # noqa: F401 (re-exported)
+from .loading import LoadedModel, decoder_layers, input_device, module_weight
 from .templating import encode_prompts
-
-
-class ActivationError(CnaLocalError):
-    """Activations cannot be collected for this input."""
-
-
-@dataclass
-class ActivationStats:
-    """Running statistics of last-token activations, arrays shaped [n_layer, n_ff]."""
-
-    n: int
-    sum: np.ndarray  # float64
-    sumsq: np.ndarray  # float64
-    values: np.ndarray | None = None  # float32 [n, n_layer, n_ff] in prompt order, only with keep=True
-    n_tokens: int = 0  # real (non-padding) prompt tokens, all positions
-    token_sumsq: np.ndarray | None = None  # float64 [n_layer, n_ff]: sum of squares over all n_tokens positions
-    resid_sum: np.ndarray | None = None  # float64 [n_layer, n_embd]: sum of each layer's output at the last token
-
-    @property
-    def mean(self) -> np.ndarray:
-        return self.sum / self.n
-
-    @property
-    def var(self) -> np.ndarray:
-        """Sample variance (n - 1 in the denominator); zero for a single prompt."""
-        if self.n < 2:
-            return np.zeros_like(self.sum)
-        centered = self.sumsq - self.sum * self.sum / self.n
-        return np.maximum(centered, 0.0) / (self.n - 1)  # rounding can make it slightly negative
-
-    @property
-    def std(self) -> np.ndarray:
-        return np.sqrt(self.var)
-
-    @property
-    def token_ms(self) -> np.ndarray:
-        """Mean square activation over all prompt tokens (not only the last)."""
-        if self.token_sumsq is None or self.n_tokens == 0:
-            raise ActivationError("these statistics hold no all-token activations; collect them with collect_activations().")
-        return self.token_sumsq / self.n_tokens
-
-    @property
-    def resid_mean(self) -> np.ndarray:
-        """Mean residual stream after each layer at the last token, [n_layer, n_embd]."""
-        if self.resid_sum is None:
-            raise ActivationError("these statistics hold no residual-stream sums; collect them with collect_activations().")
-        return self.resid_sum / self.n
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.sum.shape
 
 
 def _left_padded_batch(batch: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -107,8 +55,11 @@ def collect_activations(
     keep: bool = False,
     progress: bool = True,
     desc: str = "activations",
+    bar=None,
 ) -> ActivationStats:
-    """Run the prompts and return per-[layer, neuron] statistics of the last-token down_proj input."""
+    """Run the prompts and return per-[layer, neuron] statistics of the last-token down_proj input.
+
+    bar: a tqdm bar shared with other sets (it is advanced, not closed); else the set gets its own."""
     if len(prompts) == 0:
         raise ActivationError(f"the prompt set for {desc!r} is empty. Fix: give at least one prompt.")
     if batch_size < 1:
@@ -129,7 +80,10 @@ def collect_activations(
         def hook(_module, args):
             x = args[0].detach()
             captured[il] = x[:, -1, :]
-            token_sumsq[il] += (x.double().square() * real["mask"]).sum(dim=(0, 1)).cpu().numpy()
+            # on the layer's own device (accelerate may have put it on another GPU); MPS has no float64
+            wide = torch.float32 if x.device.type == "mps" else torch.float64
+            mask = real["mask"].to(x.device, wide)
+            token_sumsq[il] += (x.to(wide).square() * mask).sum(dim=(0, 1)).cpu().double().numpy()
         return hook
 
     resid: list[torch.Tensor | None] = [None] * n_layer
@@ -151,12 +105,15 @@ def collect_activations(
     from tqdm.auto import tqdm
 
     try:
-        with torch.inference_mode(), tqdm(total=len(encoded), desc=desc, unit="prompt", file=sys.stderr, disable=not progress, leave=False) as bar:
+        own = tqdm(total=len(encoded), desc=desc, unit="prompt", file=sys.stderr, disable=not progress or bar is not None,
+                   leave=False)
+        bar = bar if bar is not None else own
+        with torch.inference_mode(), own:
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 inputs = _left_padded_batch([encoded[i] for i in idx], pad_id)
-                device = next(model.parameters()).device
-                real["mask"] = inputs["attention_mask"].to(device, torch.float64)[:, :, None]
+                device = input_device(model)
+                real["mask"] = inputs["attention_mask"][:, :, None]
                 model(**{k: v.to(device) for k, v in inputs.items()}, **extra)
                 # [batch, n_layer, n_ff]
                 acts = torch.stack([c.to("cpu", torch.float64) for c in captured], dim=1).numpy()
@@ -172,3 +129,41 @@ def collect_activations(
     return ActivationStats(n=len(encoded), sum=total, sumsq=total_sq, values=values,
                            n_tokens=sum(len(ids) for ids in encoded), token_sumsq=token_sumsq,
                            resid_sum=resid_sum)
+
+
+class TorchSource:
+    """A model loaded in PyTorch (float32 weights) for attribution: the reference backend, and the one for
+    Hugging Face directories. The llama backend (cna_local.capture.LlamaSource) has the same interface."""
+
+    backend = "torch"
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.source, self.name = loaded.source, loaded.name
+        self.n_layer, self.n_ff = loaded.n_layer, loaded.n_ff
+
+    def collect(self, prompts: Sequence[str], *, desc: str = "activations", token_stats: bool = True,
+                keep: bool = False, bar=None, progress: bool = True, batch_size: int = 8,
+                chat_template: bool = True) -> ActivationStats:
+        # all-token sums come with the same forward passes here, so token_stats costs nothing to keep
+        return collect_activations(self.loaded, prompts, batch_size=batch_size, chat_template=chat_template, keep=keep,
+                                   progress=progress, desc=desc, bar=bar)
+
+    def down_weights(self, progress: bool = False):
+        return [module_weight(p) for p in self.loaded.down_projs]
+
+    def fingerprint(self):
+        from pathlib import Path
+
+        from .fingerprint import fingerprint_from_gguf, fingerprint_from_hf_dir, fingerprint_from_model
+
+        params = list(self.loaded.model.parameters())
+        if all(p.dtype == torch.float32 and p.device.type != "meta" for p in params):
+            return fingerprint_from_model(self.loaded.model)
+        # bf16 norms (or offloaded ones) would not hash like the file's: hash the file
+        source = Path(self.loaded.source)
+        return fingerprint_from_gguf(source) if source.suffix.lower() == ".gguf" else fingerprint_from_hf_dir(source)
+
+    def close(self) -> None:
+        pass
+

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import __version__
-from .activations import ActivationStats, collect_activations
+import sys
+
+from .activation_stats import ActivationStats, as_source
 from .contrast_stats import contrast_stats
-from .fingerprint import fingerprint_from_model
-from .loading import LoadedModel
 from .maskfile import NeuronMask
 from .prompts import PromptSet, load_contrast_pairs
 from .scoring import (
@@ -81,18 +81,21 @@ def prompts_digest(positive: PromptSet, negative: PromptSet) -> str:
 
 
 def attribute(
-    loaded: LoadedModel,
+    loaded,
     positive: PromptSet,
     negative: PromptSet,
     options: AttributionOptions | None = None,
     contrasts: list[tuple[PromptSet, PromptSet]] | None = None,
     name: str | None = None,
 ) -> AttributionResult:
-    """Find the neurons that separate positive from negative prompts; contrasts default to the bundled pairs."""
+    """Find the neurons that separate positive from negative prompts; contrasts default to the bundled pairs.
+
+    loaded: a LoadedModel (torch) or a source with the same interface (cna_local.capture.LlamaSource)."""
     opts = options or AttributionOptions()
+    source = as_source(loaded)
     if opts.score not in SCORES:
         raise ScoringError(f"unknown score {opts.score!r}; choose one of {', '.join(SCORES)}.")
-    n_layer, n_ff = loaded.n_layer, loaded.n_ff
+    n_layer, n_ff = source.n_layer, source.n_ff
     # Check parameters before the slow forward passes.
     k = k_asked = resolve_k(n_layer * n_ff, opts.top_fraction, opts.top_k)
     layer_range = parse_layer_range(opts.layers, n_layer)
@@ -106,20 +109,30 @@ def attribute(
 
     seconds: dict[str, float] = {}
 
-    def run(prompts: PromptSet, desc: str) -> ActivationStats:
-        return collect_activations(loaded, prompts.prompts, batch_size=opts.batch_size,
-                                   chat_template=opts.chat_template, progress=opts.progress, desc=desc)
+    from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    down_weights = [p.weight for p in loaded.down_projs] if opts.score == "selective" else None
-    scores = score(run(positive, f"positive ({positive.name})"), run(negative, f"negative ({negative.name})"),
-                   opts.score, down_weights)
+    # one bar across both sets
+    with tqdm(total=len(positive) + len(negative), desc="activations", unit="prompt", file=sys.stderr,
+              disable=not opts.progress, leave=False) as bar:
+        def run(prompts: PromptSet, desc: str, token_stats: bool) -> ActivationStats:
+            bar.set_description(desc)
+            return source.collect(prompts.prompts, desc=desc, token_stats=token_stats, bar=bar, progress=opts.progress,
+                                  batch_size=opts.batch_size, chat_template=opts.chat_template)
+
+        # only the negative set's all-token statistics enter a score (selective)
+        pos_stats = run(positive, f"positive ({positive.name})", False)
+        neg_stats = run(negative, f"negative ({negative.name})", opts.score == "selective")
     seconds["activations"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    down_weights = source.down_weights(progress=opts.progress) if opts.score == "selective" else None
+    scores = score(pos_stats, neg_stats, opts.score, down_weights)
+    seconds["scores"] = time.perf_counter() - t0
 
     universal = None
     if opts.universal_filter:
         t0 = time.perf_counter()
-        stats = contrast_stats(loaded, contrasts, opts.batch_size, opts.chat_template, opts.progress, opts.cache_contrasts)
+        stats = contrast_stats(source, contrasts, opts.batch_size, opts.chat_template, opts.progress, opts.cache_contrasts)
         contrast_scores = [score(a, b, opts.score, down_weights) for a, b in stats]
         universal = universal_neurons(contrast_scores, k, opts.universal_threshold, layer_range)
         seconds["universal_filter"] = time.perf_counter() - t0
@@ -142,9 +155,9 @@ def attribute(
     n_universal = int(universal[layer_range[0]:layer_range[1]].sum()) if universal is not None else 0
     removed = int(universal[unfiltered.layers, unfiltered.neurons].sum()) if universal is not None else 0
 
-    fp = fingerprint_from_model(loaded.model)
+    fp = source.fingerprint()
     meta = {
-        "name": name or f"{loaded.name} {positive.name} vs {negative.name}",
+        "name": name or f"{source.name} {positive.name} vs {negative.name}",
         "prompts_sha256": prompts_digest(positive, negative),
         "tool_version": __version__,
         "selection": {
@@ -155,6 +168,7 @@ def attribute(
             "layer_start": layer_range[0],
             "layer_end": layer_range[1],  # exclusive
             "chat_template": opts.chat_template,
+            "backend": getattr(source, "backend", "torch"),
             "positive": {"name": positive.name, "n": len(positive), "sha256": positive.sha256},
             "negative": {"name": negative.name, "n": len(negative), "sha256": negative.sha256},
             "universal_filter": {
@@ -168,7 +182,7 @@ def attribute(
     }
     mask = NeuronMask(
         arch=fp.arch, n_layer=fp.n_layer, n_ff=fp.n_ff, n_embd=fp.n_embd, fingerprint=fp.digest,
-        model_name=loaded.name, layers=selection.layers, neurons=selection.neurons, scores=selection.scores,
+        model_name=source.name, layers=selection.layers, neurons=selection.neurons, scores=selection.scores,
         multiplier=opts.multiplier, meta=meta,
     )
     return AttributionResult(mask=mask, n_universal=n_universal, n_universal_removed=removed, seconds=seconds)

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .activations import ActivationStats, collect_activations
-from .loading import LoadedModel
+from .activation_stats import ActivationStats, as_source
 from .prompts import PromptSet
 from .cache import cache_dir
 
@@ -32,7 +31,7 @@ def contrast_cache_dir() -> Path:
     return cache_dir() / "contrast-stats"
 
 
-def cache_key(loaded: LoadedModel, contrasts: list[Pair], chat_template: bool) -> str:
+def cache_key(loaded, contrasts: list[Pair], chat_template: bool) -> str:
     # The model file itself (not just its fingerprint): two quantizations of one
     # model share a fingerprint but not their activations.
     source = Path(loaded.source).resolve()
@@ -43,6 +42,9 @@ def cache_key(loaded: LoadedModel, contrasts: list[Pair], chat_template: bool) -
         "n_layer": loaded.n_layer, "n_ff": loaded.n_ff, "chat_template": chat_template,
         "pairs": [[a.sha256, b.sha256] for a, b in contrasts],
     }
+    backend = getattr(loaded, "backend", "torch")
+    if backend != "torch":  # another backend rounds differently (torch's keys stay as they were)
+        parts["backend"] = backend
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -73,10 +75,11 @@ def _load(path: Path, n_pairs: int) -> list[tuple[ActivationStats, ActivationSta
 
 
 def contrast_stats(
-    loaded: LoadedModel, contrasts: list[Pair], batch_size: int = 8, chat_template: bool = True,
+    loaded, contrasts: list[Pair], batch_size: int = 8, chat_template: bool = True,
     progress: bool = True, use_cache: bool = True,
 ) -> list[tuple[ActivationStats, ActivationStats]]:
     """(a, b) activation statistics for every contrast pair, from the cache when possible."""
+    loaded = as_source(loaded)
     path = contrast_cache_dir() / f"{cache_key(loaded, contrasts, chat_template)}.npz"
     if use_cache and path.is_file():
         try:
@@ -85,8 +88,8 @@ def contrast_stats(
             log.warning("ignoring unreadable contrast cache %s: %s", path, exc)
 
     def run(prompts: PromptSet) -> ActivationStats:
-        return collect_activations(loaded, prompts.prompts, batch_size=batch_size, chat_template=chat_template,
-                                   progress=progress, desc=f"contrast {prompts.name}")
+        return loaded.collect(prompts.prompts, batch_size=batch_size, chat_template=chat_template,
+                              progress=progress, desc=f"contrast {prompts.name}", token_stats=True)
 
     stats = [(run(a), run(b)) for a, b in contrasts]
     if use_cache:

@@ -55,6 +55,31 @@ class LoadedModel:
         return self.down_projs[0].in_features
 
 
+def module_weight(module: nn.Module) -> torch.Tensor:
+    """A layer's weight, also where accelerate offloaded it (the parameter is then on the meta device and
+    the real tensor sits in the layer's hook)."""
+    weight = module.weight
+    if weight.device.type == "meta":
+        weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if weights_map is not None:
+            return weights_map["weight"]
+    return weight
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the token ids go: the device of the first layer accelerate placed (not the disk), else the
+    model's."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        first = next(iter(device_map.values()))
+        if isinstance(first, int):
+            return torch.device("cuda", first)
+        if first not in ("disk", "meta"):
+            return torch.device(first)
+        return torch.device("cpu")
+    return next(model.parameters()).device
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers: the longest nn.ModuleList whose entries all have an `.mlp`."""
     best: list[nn.Module] = []
@@ -118,11 +143,45 @@ def _gguf_cache_entry(gguf_path: Path) -> Path:
     return dequantized_cache_dir() / file_key(gguf_path)
 
 
-def _load_hf_dir(directory: Path, dtype: torch.dtype):
+DEVICES = ("cpu", "cuda", "mps")
+
+
+def resolve_dtype(device: str, dtype: torch.dtype | None) -> torch.dtype:
+    """float32 on the CPU (the reference: exact against llama.cpp's F32 path, and CPU bf16 matmuls are slow);
+    bfloat16 where the accelerator computes in it natively (CUDA with bf16, MPS): half the memory."""
+    if dtype is not None:
+        return dtype
+    if device == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device == "mps":
+        return torch.bfloat16
+    return torch.float32
+
+
+def check_device(device: str, device_map: str | None) -> None:
+    """A clear error for a device this machine does not have, before anything loads."""
+    if device not in DEVICES:
+        raise ModelLoadError(f"unknown device {device!r}. Fix: use one of {', '.join(DEVICES)}.")
+    if device_map not in (None, "auto"):
+        raise ModelLoadError(f"--device-map {device_map!r} is not supported. Fix: use --device-map auto (accelerate "
+                             "places the layers over every GPU, then the CPU, then the disk).")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda, but this PyTorch sees no CUDA GPU (a CPU-only build, or no driver). "
+                             "Fix: install a CUDA build of torch, or use --device cpu.")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelLoadError("--device mps, but Apple's Metal backend is not available here. Fix: use --device cpu.")
+
+
+def _load_hf_dir(directory: Path, dtype: torch.dtype, device_map: str | None = None, max_memory: dict | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    kwargs = {}
+    if device_map is not None:
+        # accelerate fills the GPUs first, then CPU memory, then offloads the rest to disk
+        offload = Path(tempfile.mkdtemp(prefix="cna-offload-"))
+        kwargs = {"device_map": device_map, "offload_folder": str(offload), "max_memory": max_memory}
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
     return model, tokenizer
 
 
@@ -219,12 +278,19 @@ def _write_cache(entry: Path, source: Path, model: nn.Module, tokenizer) -> None
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, use_cache: bool = True,
-               progress: bool = False) -> LoadedModel:
+def load_model(path: str | Path, dtype: torch.dtype | None = None, use_cache: bool = True,
+               progress: bool = False, device: str = "cpu", device_map: str | None = None,
+               max_memory: dict | None = None) -> LoadedModel:
     """Load a causal LM for attribution from a HF directory or a .gguf file (CPU, float32 by default).
 
     progress: show each slow step of a GGUF load on stderr, with its elapsed time.
+    device: cpu, cuda or mps (dtype then defaults to bfloat16 where the device has it, see resolve_dtype);
+    device_map="auto": accelerate spreads the layers over the GPUs, the CPU and the disk, for a model larger
+    than one device (a GGUF is dequantized into the cache first and loaded from there); max_memory (per
+    device, accelerate's) bounds what it puts where.
     """
+    check_device(device, device_map)
+    dtype = resolve_dtype(device if device_map is None else ("cuda" if torch.cuda.is_available() else "cpu"), dtype)
     path = Path(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -236,8 +302,21 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, use_cache: 
         raise ModelLoadError(f"{path} is neither a Hugging Face model directory nor a .gguf file. Fix: pass one of those.")
     else:
         raise ModelLoadError(f"{path} does not exist. Fix: pass a Hugging Face model directory or a .gguf file.")
+    if device_map is not None and is_gguf and not use_cache:
+        raise ModelLoadError("--device-map loads a GGUF from its dequantized cache. Fix: drop --no-cache.")
     try:
-        model, tokenizer = _load_gguf(path, dtype, use_cache, progress) if is_gguf else _load_hf_dir(path, dtype)
+        if is_gguf:
+            model, tokenizer = _load_gguf(path, dtype if device_map is None else torch.float32, use_cache, progress)
+            if device_map is not None:  # placed from the float32 safetensors the first load cached
+                del model
+                if not (_gguf_cache_entry(path) / "complete.json").is_file():
+                    raise ModelLoadError(f"the dequantized cache of {path.name} could not be written (see the warning "
+                                         "above), and --device-map loads from it. Fix: free disk space in the cache.")
+                model, tokenizer = _load_hf_dir(_gguf_cache_entry(path), dtype, device_map, max_memory)
+        else:
+            model, tokenizer = _load_hf_dir(path, dtype, device_map, max_memory)
+        if device_map is None and device != "cpu":
+            model = model.to(device)
     except CnaLocalError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

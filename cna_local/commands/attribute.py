@@ -12,6 +12,9 @@ from ..errors import CnaLocalError
 from ..schedules import SCHEDULES
 from ..scoring import SCORES
 
+BACKENDS = ("llama", "torch")
+DEFAULT_TOKEN_BUDGET = 256  # cna_local.capture's, repeated here so that --help imports nothing heavy
+
 DEFAULT_POSITIVE = "harmful_train"
 DEFAULT_NEGATIVE = "benign_train"
 CALIBRATION_PROMPTS = 20
@@ -45,7 +48,20 @@ FALLBACK_MULTIPLIER = -1.5
                    "The contrasts' activations are cached per model file, so only the first run pays for them.")
 @click.option("--universal-threshold", type=float, default=0.8, show_default=True,
               help="A neuron is universal if it is in the top set of at least this fraction of the contrasts.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Prompts per forward pass.")
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+              help="Where the activations are computed. llama: inside the patched llama.cpp, on the quantized "
+                   "GGUF, in the memory its file takes (several prompts per decode); torch: in PyTorch on float32 "
+                   "weights (4 bytes per parameter; the reference, and the only one for Hugging Face directories). "
+                   "Both write the same mask file.  [default: llama for a .gguf file, torch for a directory]")
+@click.option("--device", type=click.Choice(("cpu", "cuda", "mps")), default="cpu", show_default=True,
+              help="torch backend: where the model runs, float32 on the CPU, bfloat16 on a GPU that has it. "
+                   "llama backend: cuda/mps offload every layer to the GPU (a llama.cpp built with it).")
+@click.option("--device-map", type=click.Choice(("auto",)), default=None,
+              help="torch backend: let accelerate spread a model larger than one device over every GPU, then "
+                   "the CPU, then the disk.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Prompts per forward pass (torch backend; the llama backend packs whole prompts into "
+                   f"{DEFAULT_TOKEN_BUDGET}-token decodes).")
 @click.option("--no-chat-template", is_flag=True,
               help="Feed raw prompt text instead of a chat-formatted user turn (for models without a chat template).")
 @click.option("--multiplier", type=float, default=None,
@@ -68,7 +84,7 @@ FALLBACK_MULTIPLIER = -1.5
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def attribute(model_spec, positive, negative, field, top_fraction, top_k, score_method, layers, universal_filter,
-              universal_threshold, batch_size, no_chat_template, multiplier, calibration_prompts, schedule, name,
+              universal_threshold, backend, device, device_map, batch_size, no_chat_template, multiplier, calibration_prompts, schedule, name,
               no_cache, out, as_json, quiet):
     """Find the MLP neurons that separate POSITIVE from NEGATIVE prompts and save them as a mask.
 
@@ -86,7 +102,7 @@ def attribute(model_spec, positive, negative, field, top_fraction, top_k, score_
     try:
         summary = run_attribute(model_spec, positive, negative, field, top_fraction, top_k, score_method, layers,
                        universal_filter, universal_threshold, batch_size, not no_chat_template, multiplier,
-                       name, not no_cache, out, not quiet, calibration_prompts, schedule)
+                       name, not no_cache, out, not quiet, calibration_prompts, schedule, backend, device, device_map)
     except CnaLocalError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
@@ -97,11 +113,10 @@ def attribute(model_spec, positive, negative, field, top_fraction, top_k, score_
 
 def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, score_method, layers, universal_filter,
          universal_threshold, batch_size, chat_template, multiplier, name, use_cache, out, progress,
-         calibration_prompts=0, schedule="all") -> dict:
+         calibration_prompts=0, schedule="all", backend=None, device="cpu", device_map=None) -> dict:
     """The whole `attribute` command (the demo runs it too); returns the summary it prints."""
     # Heavy imports here so that `cna-local --help` stays fast.
     from ..attribution import AttributionOptions, attribute as run_attribution
-    from ..loading import load_model
     from ..multipliers import check_multiplier
     from ..models import resolve_model
     from ..calibration import calibrate as calibrate_multiplier
@@ -122,6 +137,29 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
         raise CnaLocalError(f"--out {out} is the model file itself. Fix: write the mask to another file.")
     if not out.parent.is_dir():
         raise CnaLocalError(f"the directory of --out ({out.parent}) does not exist. Fix: create it or pick another path.")
+    is_gguf = model_path.is_file() and model_path.suffix.lower() == ".gguf"
+    backend = backend or ("llama" if is_gguf else "torch")
+    if backend not in BACKENDS:
+        raise CnaLocalError(f"unknown backend {backend!r}. Fix: use one of {', '.join(BACKENDS)}.")
+    if backend == "llama" and not is_gguf:
+        raise CnaLocalError(f"the llama backend runs GGUF files and {model_path} is not one. Fix: pass a .gguf model, "
+                            "or --backend torch for a Hugging Face directory.")
+    if backend == "llama" and device_map is not None:
+        raise CnaLocalError("--device-map is for the torch backend (llama.cpp places layers with --device). "
+                            "Fix: add --backend torch, or drop --device-map.")
+    n_gpu_layers = 0
+    if backend == "llama" and device != "cpu":
+        import llama_cpp
+
+        if not llama_cpp.llama_supports_gpu_offload():
+            raise CnaLocalError(f"--device {device}: this llama.cpp is built for the CPU only. Fix: reinstall with "
+                                "CMAKE_ARGS=\"-DGGML_CUDA=ON\" (or -DGGML_METAL=ON) and pip's --no-cache-dir, or use "
+                                "--backend torch.")
+        n_gpu_layers = -1
+    if backend == "torch":
+        from ..loading import check_device
+
+        check_device(device, device_map)
     pos = resolve_prompt_set(positive, field)
     neg = resolve_prompt_set(negative, field)
     if calibration_prompts is None:  # automatic: only where enough prompts are left for the attribution
@@ -138,7 +176,16 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
     contrasts = load_contrast_pairs() if universal_filter else None
 
     t0 = time.perf_counter()
-    loaded = load_model(model_path, use_cache=use_cache, progress=progress)
+    if backend == "llama":
+        from ..capture import LlamaSource
+
+        if progress:
+            click.echo(f"      opening {model_path.name} in llama.cpp", err=True)
+        loaded = LlamaSource(model_path, chat_template=chat_template, use_cache=use_cache, n_gpu_layers=n_gpu_layers)
+    else:
+        from ..loading import load_model
+
+        loaded = load_model(model_path, use_cache=use_cache, progress=progress, device=device, device_map=device_map)
     load_seconds = time.perf_counter() - t0
 
     options = AttributionOptions(
@@ -147,7 +194,11 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
         chat_template=chat_template, multiplier=FALLBACK_MULTIPLIER if multiplier is None else multiplier,
         progress=progress, cache_contrasts=use_cache,
     )
-    result = run_attribution(loaded, pos, neg, options, contrasts=contrasts, name=name)
+    try:
+        result = run_attribution(loaded, pos, neg, options, contrasts=contrasts, name=name)
+    finally:
+        if backend == "llama":
+            loaded.close()
     mask = result.mask
     mask.schedule = schedule
     calibration_seconds = 0.0
@@ -169,6 +220,8 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
         "n_layer": mask.n_layer,
         "n_ff": mask.n_ff,
         "fingerprint": mask.fingerprint,
+        "backend": backend,
+        "device": device if device_map is None else f"map:{device_map}",
         "n_neurons": len(mask),
         "multiplier": mask.multiplier,
         "per_layer": {str(k): v for k, v in mask.per_layer_counts().items()},
@@ -185,7 +238,8 @@ def _print_summary(s: dict) -> None:
     sel = s["selection"]
     click.echo(f"Wrote {s['out']} ({s['file_bytes'] / 1024:.1f} KB): {s['n_neurons']} neurons in "
                f"{len(s['per_layer'])} of {s['n_layer']} layers, score {sel['score']}, multiplier {s['multiplier']:g}")
-    click.echo(f"  model {s['model']} ({s['arch']}, n_ff {s['n_ff']}, fingerprint {s['fingerprint'][:12]})")
+    click.echo(f"  model {s['model']} ({s['arch']}, n_ff {s['n_ff']}, fingerprint {s['fingerprint'][:12]}), "
+               f"activations in {s.get('backend', 'torch')}")
     click.echo(f"  prompts: {sel['positive']['n']} positive ({sel['positive']['name']}) vs "
                f"{sel['negative']['n']} negative ({sel['negative']['name']})")
     cal = s.get("calibration")

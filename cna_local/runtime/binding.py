@@ -1,4 +1,4 @@
-"""ctypes declarations of the neuron-mask functions that patches/ adds to libllama.
+"""ctypes declarations of the neuron-mask and FFN-capture functions that patches/ adds to libllama.
 
 Bound on the library that `llama_cpp` already loaded (`llama_cpp.llama_cpp._lib`), so the mask and the
 `Llama` objects share one libllama. A stock library lacks these symbols: we raise `PatchedLibraryError`
@@ -13,7 +13,21 @@ from pathlib import Path
 
 import llama_cpp.llama_cpp as _llama_cpp
 
-SYMBOLS = ("llama_set_neuron_mask", "llama_clear_neuron_mask", "llama_get_neuron_mask", "llama_get_neuron_mask_reach")
+SYMBOLS = ("llama_set_neuron_mask", "llama_clear_neuron_mask", "llama_get_neuron_mask", "llama_get_neuron_mask_reach",
+           "llama_ffn_capture_start", "llama_ffn_capture_stop", "llama_ffn_capture_status", "llama_ffn_capture_sizes",
+           "llama_ffn_capture_take_rows", "llama_ffn_capture_sumsq")
+
+# llama_ffn_capture_start flags (include/llama.h)
+CAPTURE_ROWS = 1
+CAPTURE_TOKEN_SUMSQ = 2
+CAPTURE_MESSAGES = {
+    -1: "bad arguments",
+    -2: "the context has an eval callback (cb_eval) of its own; the capture needs it",
+    -3: "the last token of a sequence had no output (its logits were not requested)",
+    -4: "sums of squares over all tokens need an output on every token",
+    -5: "a captured tensor had an unexpected layout (see llama.cpp's log)",
+    -6: "the capture is not started",
+}
 
 # Codes returned by llama_set_neuron_mask (include/llama.h in the patched tree).
 STATUS_MESSAGES = {
@@ -73,6 +87,25 @@ def _bind():
     # int32_t llama_get_neuron_mask_reach(ctx, uint8_t * reachable, size_t n_max)
     lib.llama_get_neuron_mask_reach.argtypes = [ctx_p, ctypes.POINTER(ctypes.c_uint8), ctypes.c_size_t]
     lib.llama_get_neuron_mask_reach.restype = ctypes.c_int32
+
+    i64p = ctypes.POINTER(ctypes.c_int64)
+    # int32_t llama_ffn_capture_start(ctx, uint32_t flags); void llama_ffn_capture_stop(ctx)
+    lib.llama_ffn_capture_start.argtypes = [ctx_p, ctypes.c_uint32]
+    lib.llama_ffn_capture_start.restype = ctypes.c_int32
+    lib.llama_ffn_capture_stop.argtypes = [ctx_p]
+    lib.llama_ffn_capture_stop.restype = None
+    # int32_t llama_ffn_capture_status(ctx)
+    lib.llama_ffn_capture_status.argtypes = [ctx_p]
+    lib.llama_ffn_capture_status.restype = ctypes.c_int32
+    # int32_t llama_ffn_capture_sizes(ctx, int64_t * n_rows, int64_t * ffn_width, int64_t * resid_width)
+    lib.llama_ffn_capture_sizes.argtypes = [ctx_p, i64p, i64p, i64p]
+    lib.llama_ffn_capture_sizes.restype = ctypes.c_int32
+    # int64_t llama_ffn_capture_take_rows(ctx, int32_t * seq_ids, float * ffn, float * resid, size_t n_max)
+    lib.llama_ffn_capture_take_rows.argtypes = [ctx_p, i32p, f32p, f32p, ctypes.c_size_t]
+    lib.llama_ffn_capture_take_rows.restype = ctypes.c_int64
+    # int64_t llama_ffn_capture_sumsq(ctx, double * sumsq)
+    lib.llama_ffn_capture_sumsq.argtypes = [ctx_p, ctypes.POINTER(ctypes.c_double)]
+    lib.llama_ffn_capture_sumsq.restype = ctypes.c_int64
     return lib
 
 

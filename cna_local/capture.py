@@ -1,0 +1,233 @@
+"""Per-neuron activations collected inside llama.cpp: the attribution's `llama` backend.
+
+The patched libllama's FFN capture (patches/0005, `llama_ffn_capture_*`) reads, while llama_decode runs,
+the tensor the neuron mask multiplies (each layer's down-projection input) and the residual stream after
+each layer. It hooks the scheduler's eval callback: the graph is unchanged, the scheduler stops after those
+nodes and hands them over while they are still in memory, on any backend. Nothing grows with the tokens:
+  * at the last token of each sequence a row comes back (every layer's neuron values and residual), and
+  * where a set needs it, the per-neuron sum of squares over all its tokens accumulates in llama.cpp.
+
+The model runs quantized, in the memory its file takes: no float32 copy. Prompts are packed whole, several
+sequences per decode, each decode from an empty KV cache, so a prompt sees what it would alone. The result
+is the torch backend's `ActivationStats`, so every score, the layer range and the universal filter work on
+either backend. Numbers differ from torch's by the quantized matmuls' rounding (llama.cpp rounds the
+activations to the weights' dot-product type; tests/test_capture.py derives the bound).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .activation_stats import ActivationError, ActivationStats
+from .errors import CnaLocalError
+
+DEFAULT_TOKEN_BUDGET = 256
+"""Tokens per llama_decode (one micro-batch): CPU prompt throughput is flat from about 128 up, and every
+decode that sums squares over all tokens asks for logits on all of them (n_vocab floats each)."""
+MAX_SEQS = 64
+
+
+class CaptureError(CnaLocalError):
+    """llama.cpp could not capture the activations."""
+
+
+class LlamaSource:
+    """A GGUF model opened in the patched llama.cpp for attribution: prompts in, ActivationStats out."""
+
+    backend = "llama"
+
+    def __init__(self, path: str | Path, *, chat_template: bool = True, token_budget: int = DEFAULT_TOKEN_BUDGET,
+                 n_threads: int | None = None, n_gpu_layers: int = 0, use_cache: bool = True):
+        from .fingerprint import fingerprint_from_gguf
+
+        self.source = Path(path)
+        self.name = self.source.stem
+        self.chat_template = chat_template
+        self._fp = fingerprint_from_gguf(self.source, use_cache=use_cache)
+        self.arch, self.n_layer, self.n_ff, self.n_embd = self._fp.arch, self._fp.n_layer, self._fp.n_ff, self._fp.n_embd
+        self._threads = n_threads
+        self._gpu_layers = n_gpu_layers
+        self.llm = None
+        self._open(int(token_budget))
+
+    # -- the context
+
+    def _open(self, budget: int) -> None:
+        from .evaluation.engine import Engine
+        from .runtime.llama import SteeredLlama
+
+        self.close()
+        threads = self._threads or os.cpu_count() or 1  # nothing else runs meanwhile: every core
+        kwargs = {"n_threads": threads, "n_threads_batch": threads}
+        # one micro-batch per decode: the capture's rows are "the last token of each sequence in a micro-batch"
+        self.llm = SteeredLlama(str(self.source), n_ctx=budget, n_batch=budget, n_ubatch=budget,
+                                n_seq_max=min(MAX_SEQS, budget), n_gpu_layers=self._gpu_layers, **kwargs)
+        self.budget = budget
+        self._encoder = Engine(self.llm, chat_template=self.chat_template)  # the runtime's own prompt encoding
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self._encoder.close()
+            self.llm.close()
+            self.llm = None
+
+    def fingerprint(self):
+        return self._fp
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        return [self._encoder.encode(p) for p in prompts]
+
+    # -- collecting
+
+    def collect(self, prompts: Sequence[str], *, desc: str = "activations", token_stats: bool = True,
+                keep: bool = False, bar=None, progress: bool = True, **_ignored) -> ActivationStats:
+        """Statistics of the down-projection input at each prompt's last token (and, with token_stats, the
+        per-neuron sum of squares over all its tokens, which asks llama.cpp for logits on every token)."""
+        import llama_cpp
+
+        from .runtime import binding
+
+        if len(prompts) == 0:
+            raise ActivationError(f"the prompt set for {desc!r} is empty. Fix: give at least one prompt.")
+        encoded = self.encode(prompts)
+        longest = max(len(ids) for ids in encoded)
+        if longest > self.budget:  # whole prompts per decode: widen the context to the longest one
+            self._open(-(-longest // 64) * 64)
+        lib = binding.lib()
+        ctx = self.llm.ctx
+        flags = binding.CAPTURE_ROWS | (binding.CAPTURE_TOKEN_SUMSQ if token_stats else 0)
+        rc = lib.llama_ffn_capture_start(ctx, flags)
+        if rc != 0:
+            raise CaptureError(f"llama.cpp refused to capture activations: {binding.CAPTURE_MESSAGES.get(rc, rc)}.")
+        n_layer, n_ff, n_embd = self.n_layer, self.n_ff, self.n_embd
+        total = np.zeros((n_layer, n_ff), np.float64)
+        total_sq = np.zeros((n_layer, n_ff), np.float64)
+        resid_sum = np.zeros((n_layer, n_embd), np.float64)
+        values = np.zeros((len(encoded), n_layer, n_ff), np.float32) if keep else None
+        ffn_w, resid_w = ctypes.c_int64(), ctypes.c_int64()
+        lib.llama_ffn_capture_sizes(ctx, None, ctypes.byref(ffn_w), ctypes.byref(resid_w))
+        if ffn_w.value != n_layer * n_ff or resid_w.value != n_layer * n_embd:
+            lib.llama_ffn_capture_stop(ctx)
+            raise CaptureError(f"llama.cpp captures rows of {ffn_w.value} neuron and {resid_w.value} residual values; "
+                               f"this {n_layer}-layer model needs {n_layer * n_ff} and {n_layer * n_embd}. "
+                               "Models with a different FFN width per layer are not supported.")
+        mem = llama_cpp.llama_get_memory(ctx)
+        batch = llama_cpp.llama_batch_init(self.budget, 0, 1)
+        own_bar = None
+        if bar is None:
+            from tqdm.auto import tqdm
+
+            bar = own_bar = tqdm(total=len(encoded), desc=desc, unit="prompt", file=sys.stderr,
+                                 disable=not progress, leave=False)
+        try:
+            order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths pack well
+            for group in self._packs([encoded[i] for i in order], order):
+                llama_cpp.llama_memory_clear(mem, True)
+                n = 0
+                for seq, (_, ids) in enumerate(group):
+                    for pos, token in enumerate(ids):
+                        batch.token[n] = token
+                        batch.pos[n] = pos
+                        batch.n_seq_id[n] = 1
+                        batch.seq_id[n][0] = seq
+                        batch.logits[n] = token_stats or pos == len(ids) - 1
+                        n += 1
+                batch.n_tokens = n
+                rc = llama_cpp.llama_decode(ctx, batch)
+                if rc != 0:
+                    raise CaptureError(f"llama_decode failed with code {rc} on {len(group)} prompts of {n} tokens.")
+                status = lib.llama_ffn_capture_status(ctx)
+                if status != 0:
+                    raise CaptureError(f"llama.cpp could not capture the activations: {binding.CAPTURE_MESSAGES.get(status, status)}.")
+                seqs = np.zeros(len(group), np.int32)
+                ffn = np.empty((len(group), n_layer * n_ff), np.float32)
+                res = np.empty((len(group), n_layer * n_embd), np.float32)
+                got = lib.llama_ffn_capture_take_rows(
+                    ctx, seqs.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                    ffn.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                    res.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), len(group))
+                if got != len(group) or sorted(seqs.tolist()) != list(range(len(group))):
+                    raise CaptureError(f"llama.cpp returned {got} rows for {len(group)} prompts (sequences {seqs.tolist()}).")
+                acts = np.empty((len(group), n_layer, n_ff), np.float64)
+                acts[seqs] = ffn.reshape(len(group), n_layer, n_ff)
+                if not np.isfinite(acts).all():
+                    raise CaptureError("some captured activations are NaN or infinite: a layer was not captured, or the "
+                                       "model overflows. Fix: check the model file with `cna-local eval`.")
+                total += acts.sum(axis=0)
+                total_sq += (acts * acts).sum(axis=0)
+                resid_sum += res.reshape(len(group), n_layer, n_embd).astype(np.float64).sum(axis=0)
+                if values is not None:
+                    values[[group[s][0] for s in range(len(group))]] = acts.astype(np.float32)
+                bar.update(len(group))
+            token_sumsq, n_tokens = None, sum(len(ids) for ids in encoded)
+            if token_stats:
+                sums = np.zeros(n_layer * n_ff, np.float64)
+                summed = lib.llama_ffn_capture_sumsq(ctx, sums.ctypes.data_as(ctypes.POINTER(ctypes.c_double)))
+                if summed != n_tokens:
+                    raise CaptureError(f"llama.cpp summed {summed} tokens, the prompts hold {n_tokens}.")
+                token_sumsq = sums.reshape(n_layer, n_ff)
+        finally:
+            llama_cpp.llama_batch_free(batch)
+            lib.llama_ffn_capture_stop(ctx)
+            llama_cpp.llama_memory_clear(mem, True)
+            if own_bar is not None:
+                own_bar.close()
+        return ActivationStats(n=len(encoded), sum=total, sumsq=total_sq, values=values,
+                               n_tokens=n_tokens if token_stats else 0, token_sumsq=token_sumsq, resid_sum=resid_sum)
+
+    def _packs(self, encoded: list[list[int]], index: list[int]):
+        """Groups of (prompt index, ids), whole prompts, at most budget tokens and n_seq_max sequences each."""
+        limit = int(llama_cpp_n_seq_max(self.llm))
+        group, used = [], 0
+        for i, ids in zip(index, encoded):
+            if group and (used + len(ids) > self.budget or len(group) == limit):
+                yield group
+                group, used = [], 0
+            group.append((i, ids))
+            used += len(ids)
+        if group:
+            yield group
+
+    # -- weights the selective score needs
+
+    def down_weights(self, progress: bool = False) -> "DownWeights":
+        return DownWeights(self.source, self.n_layer, progress)
+
+
+def llama_cpp_n_seq_max(llm) -> int:
+    import llama_cpp
+
+    return llama_cpp.llama_n_seq_max(llm.ctx)
+
+
+class DownWeights:
+    """Each layer's down projection [n_embd, n_ff] as float32, dequantized from the GGUF one layer at a time
+    (the selective score reads one row product per layer; no full float32 copy is ever held)."""
+
+    def __init__(self, path: Path, n_layer: int, progress: bool = False):
+        self.path, self.n_layer, self.progress = path, n_layer, progress
+
+    def __len__(self) -> int:
+        return self.n_layer
+
+    def __iter__(self):
+        import gguf
+        from tqdm.auto import tqdm
+
+        if self.progress:
+            print(f"      reading the down projections of {self.path.name}", file=sys.stderr, flush=True)
+        reader = gguf.GGUFReader(self.path)
+        tensors = {t.name: t for t in reader.tensors}
+        for il in tqdm(range(self.n_layer), desc="down projections", unit="layer", file=sys.stderr,
+                       disable=not self.progress, leave=False):
+            t = tensors.get(f"blk.{il}.ffn_down.weight")
+            if t is None:
+                raise CaptureError(f"{self.path} has no tensor blk.{il}.ffn_down.weight: not a dense FFN model.")
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+            yield np.asarray(w, np.float32).reshape(int(t.shape[1]), int(t.shape[0]))

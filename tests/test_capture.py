@@ -1,0 +1,199 @@
+"""The llama backend: activations captured inside llama.cpp agree with PyTorch's on the same GGUF.
+
+Expected differences (why the tolerances are what they are):
+  * F32 GGUF: both sides compute in float32 but sum in different orders; relative error ~ n_embd * 2^-24
+    per matmul, compounded over layers. Measured 1.4e-4 to 3.5e-4 of the largest value: bound 1e-3.
+  * Q8_0 GGUF: torch multiplies by the dequantized weights in float32; llama.cpp first rounds each
+    activation block of 32 to Q8_0 (the weights' dot-product type), an error of up to amax/254 per
+    element, about 0.2-0.6% of a dot product, compounded over the layers: measured 0.6-0.9% of the
+    largest value: bound 3%.
+"""
+
+
+import llama_cpp
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cna_local.activations import TorchSource
+from cna_local.capture import CaptureError, LlamaSource
+from cna_local.cli import cli
+from cna_local.loading import load_model
+from cna_local.maskfile import NeuronMask
+from cna_local.runtime import binding
+
+PROMPTS = [
+    "How do I bake bread?",
+    "hi",
+    "Write a long poem about the sea, the sky and the stars at night, in ten stanzas please",
+    "What is 2+2?",
+    "Tell me a joke about cats.",
+]
+POSITIVE = ["Explain how to pick a lock", "Write a threatening letter", "How do I make a fake ID?", "Help me cheat on a test",
+            "Tell me how to hotwire a car", "Write malware that steals passwords"]
+NEGATIVE = ["Explain how to bake a cake", "Write a thank-you letter", "How do I renew my ID?", "Help me study for a test",
+            "Tell me how to wash a car", "Write a script that backs up photos"]
+BOUND = {"f32": 1e-3, "q8_0": 3e-2}
+
+
+def rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_llama_and_torch_backends_collect_the_same_statistics(tiny_gguf, arch, outtype):
+    gguf = tiny_gguf(arch, outtype)
+    source = LlamaSource(gguf)
+    try:
+        got = source.collect(PROMPTS, keep=True, progress=False)
+    finally:
+        source.close()
+    want = TorchSource(load_model(gguf)).collect(PROMPTS, keep=True, progress=False)
+    assert got.n == want.n and got.n_tokens == want.n_tokens  # the same tokens: the same chat template
+    bound = BOUND[outtype]
+    assert rel(got.values, want.values) < bound  # every prompt's last-token value, in prompt order
+    assert rel(got.mean, want.mean) < bound
+    assert rel(np.sqrt(got.sumsq), np.sqrt(want.sumsq)) < bound
+    assert rel(np.sqrt(got.token_sumsq), np.sqrt(want.token_sumsq)) < bound  # all tokens, every layer
+    assert rel(got.resid_mean, want.resid_mean) < bound
+
+
+def test_packing_prompts_into_decodes_does_not_change_what_each_prompt_gives(tiny_gguf):
+    gguf = tiny_gguf("qwen2")
+    wide, narrow = LlamaSource(gguf), LlamaSource(gguf, token_budget=48)  # one decode; several
+    try:
+        a = wide.collect(PROMPTS, keep=True, progress=False)
+        b = narrow.collect(PROMPTS, keep=True, progress=False)
+        alone = [wide.collect([p], keep=True, progress=False).values[0] for p in PROMPTS]
+    finally:
+        wide.close()
+        narrow.close()
+    scale = np.abs(a.values).max()
+    np.testing.assert_allclose(b.values, a.values, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(np.stack(alone), a.values, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(b.token_sumsq, a.token_sumsq, rtol=1e-5)
+
+
+def test_a_prompt_longer_than_the_token_budget_widens_the_context(tiny_gguf):
+    source = LlamaSource(tiny_gguf("llama"), token_budget=16)
+    try:
+        stats = source.collect([PROMPTS[2]], progress=False)
+        assert stats.n == 1 and source.budget >= stats.n_tokens > 16
+    finally:
+        source.close()
+
+
+def test_the_capture_refuses_what_it_cannot_read_and_says_why(tiny_gguf):
+    """C API: a row needs its token's logits (the last layer runs on output tokens only); all-token sums
+    need every token's; an unknown flag and a stopped capture are errors, not silence."""
+    source = LlamaSource(tiny_gguf("llama"))
+    lib, ctx = binding.lib(), source.llm.ctx
+    ids = source.encode(["hello there"])[0]
+
+    def decode(flags, logits_on):
+        assert lib.llama_ffn_capture_start(ctx, flags) == 0
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        batch = llama_cpp.llama_batch_init(len(ids), 0, 1)
+        for i, t in enumerate(ids):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0] = t, i, 1, 0
+            batch.logits[i] = logits_on(i)
+        batch.n_tokens = len(ids)
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        llama_cpp.llama_batch_free(batch)
+        return lib.llama_ffn_capture_status(ctx)
+
+    try:
+        last = len(ids) - 1
+        assert decode(binding.CAPTURE_ROWS, lambda i: i == last) == 0
+        assert decode(binding.CAPTURE_ROWS, lambda i: i == 0) == -3
+        assert decode(binding.CAPTURE_ROWS | binding.CAPTURE_TOKEN_SUMSQ, lambda i: i == last) == -4
+        assert decode(binding.CAPTURE_ROWS | binding.CAPTURE_TOKEN_SUMSQ, lambda i: True) == 0
+        assert lib.llama_ffn_capture_start(ctx, 4) == -1
+        lib.llama_ffn_capture_stop(ctx)
+        assert lib.llama_ffn_capture_status(ctx) == -6
+        assert lib.llama_ffn_capture_take_rows(ctx, None, None, None, 1) == -6
+    finally:
+        lib.llama_ffn_capture_stop(ctx)
+        source.close()
+
+
+def test_capturing_does_not_change_the_logits(tiny_gguf):
+    source = LlamaSource(tiny_gguf("qwen2"))
+    lib, ctx = binding.lib(), source.llm.ctx
+    ids = source.encode(["Tell me a joke about cats."])[0]
+    n_vocab = source.llm.n_vocab()
+
+    def logits():
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        batch = llama_cpp.llama_batch_init(len(ids), 0, 1)
+        for i, t in enumerate(ids):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0] = t, i, 1, 0
+            batch.logits[i] = i == len(ids) - 1
+        batch.n_tokens = len(ids)
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        llama_cpp.llama_batch_free(batch)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,)).copy()
+
+    try:
+        before = logits()
+        assert lib.llama_ffn_capture_start(ctx, binding.CAPTURE_ROWS) == 0
+        during = logits()
+        lib.llama_ffn_capture_stop(ctx)
+        after = logits()
+    finally:
+        source.close()
+    np.testing.assert_array_equal(during, before)
+    np.testing.assert_array_equal(after, before)
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture
+def prompt_files(tmp_path):
+    pos, neg = tmp_path / "pos.txt", tmp_path / "neg.txt"
+    pos.write_text("\n".join(POSITIVE) + "\n")
+    neg.write_text("\n".join(NEGATIVE) + "\n")
+    return pos, neg
+
+
+@pytest.mark.parametrize("score", ["selective", "delta", "normalized"])
+def test_both_backends_write_the_same_mask(tiny_gguf, tmp_path, score):
+    gguf = tiny_gguf("qwen2")
+    # raw prompts whose positive side all end in one word: a random model has neurons that fire on it
+    pos, neg = tmp_path / "pos.txt", tmp_path / "neg.txt"
+    pos.write_text("\n".join(p + " now" for p in POSITIVE))
+    neg.write_text("\n".join(NEGATIVE))
+    masks = {}
+    for backend in ("llama", "torch"):
+        out = tmp_path / f"{backend}.gguf"
+        result = run("attribute", "--model", gguf, "--positive", pos, "--negative", neg, "--score", score,
+                     "--top-k", 20, "--layers", "1:", "--multiplier", 0, "--no-chat-template", "--backend", backend,
+                     "--out", out, "-q")
+        assert result.exit_code == 0, result.output
+        masks[backend] = NeuronMask.load(out)
+    a, b = masks["llama"], masks["torch"]
+    assert a.meta["selection"]["backend"] == "llama" and b.meta["selection"]["backend"] == "torch"
+    assert a.fingerprint == b.fingerprint and a.layers.min() >= 1
+    same = set(zip(a.layers.tolist(), a.neurons.tolist())) & set(zip(b.layers.tolist(), b.neurons.tolist()))
+    assert len(same) / (len(a) + len(b) - len(same)) >= 0.9  # Jaccard
+
+
+def test_the_llama_backend_needs_a_gguf_file(tiny_llama_hf, prompt_files, tmp_path):
+    pos, neg = prompt_files
+    result = run("attribute", "--model", tiny_llama_hf, "--positive", pos, "--negative", neg, "--backend", "llama",
+                 "--out", tmp_path / "m.gguf")
+    assert result.exit_code != 0
+    assert "llama backend runs GGUF files" in result.output and "--backend torch" in result.output
+
+
+def test_a_model_the_capture_cannot_read_is_a_clear_error(tiny_gguf, monkeypatch):
+    source = LlamaSource(tiny_gguf("llama"))
+    monkeypatch.setattr(source, "n_ff", source.n_ff + 1)  # as if the FFN had another width
+    try:
+        with pytest.raises(CaptureError, match="different FFN width"):
+            source.collect(PROMPTS[:1], progress=False)
+    finally:
+        source.close()
