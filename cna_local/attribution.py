@@ -124,6 +124,7 @@ def attribute(
         pos_stats = run(positive, f"positive ({positive.name})", False)
         neg_stats = run(negative, f"negative ({negative.name})", opts.score == "selective")
     seconds["activations"] = time.perf_counter() - t0
+    getattr(source, "release", lambda: None)()  # llama: the model is not needed while scoring
     t0 = time.perf_counter()
     down_weights = source.down_weights(progress=opts.progress) if opts.score == "selective" else None
     scores = score(pos_stats, neg_stats, opts.score, down_weights)

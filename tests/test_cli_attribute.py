@@ -169,11 +169,12 @@ def test_attribute_on_a_quantized_gguf_makes_a_mask_that_matches_the_gguf(tiny_g
 
 def test_inspect_shows_model_layers_and_top_neurons(tmp_path):
     mask = NeuronMask("qwen2", 4, 16, 8, "ab" * 32, "tiny-qwen", [0, 2, 2], [3, 1, 7], [0.1, -0.9, 0.5],
-                      meta={"selection": {"score": "delta", "top_k": 3}})
+                      meta={"selection": {"score": "delta", "top_k": 3, "backend": "llama"}})
     path = mask.save(tmp_path / "m.gguf")
     result = run("inspect", path, "--top", 2)
     assert result.exit_code == 0, result.output
     assert "tiny-qwen (qwen2, 4 layers, n_ff 16" in result.output
+    assert "activations inside llama.cpp (llama backend)" in result.output
     assert "0:1, 2:2" in result.output
     lines = [line for line in result.output.splitlines() if line.strip().startswith("layer")]
     assert len(lines) == 2 and "neuron      1" in lines[0] and "-0.9" in lines[0]  # strongest first

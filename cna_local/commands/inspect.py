@@ -41,6 +41,8 @@ def _selection_lines(sel: dict) -> list[str]:
     lines = [f"score       {sel.get('score')}, top {sel.get('top_k')} of all MLP neurons"
              + (f" ({detail})" if detail else "")
              + (f", layers {sel['layer_start']}:{sel['layer_end']} (end exclusive)" if "layer_start" in sel else "")]
+    if "backend" in sel:  # masks made before the llama backend existed came from torch
+        lines.append(f"activations {'inside llama.cpp (llama backend)' if sel['backend'] == 'llama' else 'in PyTorch (torch backend)'}")
     for side in ("positive", "negative"):
         if side in sel:
             lines.append(f"{side:<11} {sel[side]['n']} prompts from {sel[side]['name']} (sha256 {sel[side]['sha256'][:12]})")
