@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import __version__
-import sys
-
 from .activation_stats import ActivationStats, as_source
 from .contrast_stats import contrast_stats
 from .maskfile import NeuronMask

@@ -179,7 +179,7 @@ class LlamaSource:
                 total_sq += (acts * acts).sum(axis=0)
                 resid_sum += res.reshape(len(group), n_layer, n_embd).astype(np.float64).sum(axis=0)
                 if values is not None:
-                    values[[group[s][0] for s in range(len(group))]] = acts.astype(np.float32)
+                    values[[i for i, _ in group]] = acts.astype(np.float32)
                 bar.update(len(group))
             token_sumsq, n_tokens = None, sum(len(ids) for ids in encoded)
             if token_stats:
@@ -199,7 +199,9 @@ class LlamaSource:
 
     def _packs(self, encoded: list[list[int]], index: list[int]):
         """Groups of (prompt index, ids), whole prompts, at most budget tokens and n_seq_max sequences each."""
-        limit = int(llama_cpp_n_seq_max(self.llm))
+        import llama_cpp
+
+        limit = int(llama_cpp.llama_n_seq_max(self.llm.ctx))
         group, used = [], 0
         for i, ids in zip(index, encoded):
             if group and (used + len(ids) > self.budget or len(group) == limit):
@@ -216,12 +218,6 @@ class LlamaSource:
         if self._down is None:  # one reader for every score of this source (the contrasts' too)
             self._down = DownWeights(self.source, self.n_layer, progress)
         return self._down
-
-
-def llama_cpp_n_seq_max(llm) -> int:
-    import llama_cpp
-
-    return llama_cpp.llama_n_seq_max(llm.ctx)
 
 
 class DownWeights:

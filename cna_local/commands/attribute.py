@@ -10,10 +10,10 @@ import click
 
 from ..errors import CnaLocalError
 from ..schedules import SCHEDULES
+from ..capture import DEFAULT_TOKEN_BUDGET  # light: numpy and ctypes, already loaded by the CLI
 from ..scoring import SCORES
 
 BACKENDS = ("llama", "torch")
-DEFAULT_TOKEN_BUDGET = 256  # cna_local.capture's, repeated here so that --help imports nothing heavy
 
 DEFAULT_POSITIVE = "harmful_train"
 DEFAULT_NEGATIVE = "benign_train"
