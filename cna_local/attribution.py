@@ -12,6 +12,7 @@ import numpy as np
 from . import __version__
 from .activation_stats import ActivationStats, as_source
 from .contrast_stats import contrast_stats
+from .gate import DEFAULT_FPR, DEFAULT_METHOD, GateError, fit_gate
 from .maskfile import NeuronMask
 from .prompts import PromptSet, load_contrast_pairs
 from .scoring import (
@@ -49,6 +50,11 @@ class AttributionOptions:
     multiplier: float = -1.5
     progress: bool = True
     cache_contrasts: bool = True  # reuse the contrast pairs' statistics for this model file
+    # a gate on the mask's neurons (cna_local.gate): steer only prompts it fires on; fpr: the share of
+    # negative prompts (out of fold) it may fire on
+    gate: bool = True
+    gate_fpr: float = DEFAULT_FPR
+    gate_method: str = DEFAULT_METHOD
 
 
 @dataclass
@@ -101,6 +107,8 @@ def attribute(
     candidates = (layer_range[1] - layer_range[0]) * n_ff
     if k > candidates:
         raise ScoringError(f"asked for {k} neurons but layers {layer_range[0]}-{layer_range[1] - 1} hold only {candidates}. Fix: lower --top-k/--top-fraction or widen --layers.")
+    if opts.gate and not 0.0 <= opts.gate_fpr < 1.0:
+        raise GateError(f"the gate's false-positive rate must be in [0, 1), got {opts.gate_fpr}. Fix: pass --gate-fpr 0.05, say.")
     if opts.universal_filter:
         check_threshold(opts.universal_threshold)
         if contrasts is None:
@@ -116,8 +124,9 @@ def attribute(
               disable=not opts.progress, leave=False) as bar:
         def run(prompts: PromptSet, desc: str, token_stats: bool) -> ActivationStats:
             bar.set_description(desc)
+            # the gate is fitted on each prompt's own values at the chosen neurons, known only after scoring
             return source.collect(prompts.prompts, desc=desc, token_stats=token_stats, bar=bar, progress=opts.progress,
-                                  batch_size=opts.batch_size, chat_template=opts.chat_template)
+                                  batch_size=opts.batch_size, chat_template=opts.chat_template, keep=opts.gate)
 
         # only the negative set's all-token statistics enter a score (selective)
         pos_stats = run(positive, f"positive ({positive.name})", False)
@@ -155,6 +164,14 @@ def attribute(
     n_universal = int(universal[layer_range[0]:layer_range[1]].sum()) if universal is not None else 0
     removed = int(universal[unfiltered.layers, unfiltered.neurons].sum()) if universal is not None else 0
 
+    gate = None
+    if opts.gate:
+        t0 = time.perf_counter()
+        rows = (selection.layers, selection.neurons)
+        gate = fit_gate(pos_stats.values[:, rows[0], rows[1]], neg_stats.values[:, rows[0], rows[1]],
+                        fpr=opts.gate_fpr, method=opts.gate_method)
+        seconds["gate"] = time.perf_counter() - t0
+
     fp = source.fingerprint()
     meta = {
         "name": name or f"{source.name} {positive.name} vs {negative.name}",
@@ -183,6 +200,6 @@ def attribute(
     mask = NeuronMask(
         arch=fp.arch, n_layer=fp.n_layer, n_ff=fp.n_ff, n_embd=fp.n_embd, fingerprint=fp.digest,
         model_name=source.name, layers=selection.layers, neurons=selection.neurons, scores=selection.scores,
-        multiplier=opts.multiplier, meta=meta,
+        multiplier=opts.multiplier, meta=meta, gate=gate,
     )
     return AttributionResult(mask=mask, n_universal=n_universal, n_universal_removed=removed, seconds=seconds)

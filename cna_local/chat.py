@@ -4,6 +4,7 @@ or a test can drive it.
 
     /multiplier X   the mask's strength from the next reply on (0 ablates, 1 is off, -1 inverts)
     /off            the unsteered model (the same as /multiplier 1)
+    /gate on|off    steer only the messages the mask's gate fires on, or every message
     /compare        the last message answered again, unsteered and steered, side by side
     /reset          forget the conversation
     /help           this list
@@ -42,7 +43,10 @@ class ChatSession:
         if not self.has_mask:
             return "no mask"
         m = self.llm.steering.multipliers
-        return "off (multiplier 1)" if all(v == 1.0 for v in m) else "multiplier " + ", ".join(f"{v:g}" for v in m)
+        if all(v == 1.0 for v in m):
+            return "off (multiplier 1)"
+        gated = ", gated (only prompts the gate fires on)" if self.llm.steering.gate is not None else ""
+        return "multiplier " + ", ".join(f"{v:g}" for v in m) + gated
 
     def _set(self, value: float) -> None:
         self.llm.steering.set_multipliers([value] * len(self.llm.steering.masks))
@@ -62,6 +66,9 @@ class ChatSession:
                     self.out.flush()
         if echo:
             self.out.write("\n")
+            decided = self.llm.last_gate if self.llm.steering.gate is not None else None
+            if decided is not None and not all(v == 1.0 for v in self.llm.steering.multipliers):
+                self.out.write("  (gate fired: steered)\n" if decided.fired else "  (gate closed: unsteered)\n")
         return "".join(text)
 
     def say(self, content: str) -> str:
@@ -131,6 +138,18 @@ class ChatSession:
                     self._set(check_multiplier(arg, what="/multiplier"))
                     self.out.write(f"steering: {self.strength()}\n")
                 except MultiplierError as exc:
+                    self.out.write(f"{exc}\n")
+        elif name == "gate":
+            if not self.has_mask:
+                self.out.write("no mask is set: start the chat with --mask MASK.gguf.\n")
+            elif arg not in ("on", "off"):
+                now = "on" if self.llm.steering.gate is not None else "off"
+                self.out.write(f"gate: {now}. Usage: /gate on, /gate off\n")
+            else:
+                try:
+                    self.llm.steering.set_gate(arg == "on")
+                    self.out.write(f"steering: {self.strength()}\n")
+                except CnaLocalError as exc:
                     self.out.write(f"{exc}\n")
         elif name == "compare":
             self.compare()

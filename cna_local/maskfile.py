@@ -18,9 +18,13 @@ Format v1 follows llama.cpp's adapter conventions (like LoRA GGUFs):
   adapter.neuron_mask.schedule           str  optional (version 2): the default steering schedule,
                                               "prompt" or "generation" (cna_local.schedules); absent = "all"
   adapter.neuron_mask.calibration        str  optional: JSON of how the default multiplier was chosen
+  adapter.neuron_mask.gate_threshold     f32  optional (version 3): the gate fires when the weighted sum of
+                                              the mask's neurons at the prompt's last token is >= this
+  adapter.neuron_mask.gate               str  with it: JSON of how the gate was fitted (cna_local.gate)
 
 A file whose schedule is "all" is written as version 1, so older readers still load it; one with
-another schedule is version 2, which older readers refuse by name instead of steering every position.
+another schedule is version 2, which older readers refuse by name instead of steering every position. A
+file with a gate is version 3, which older readers refuse by name instead of steering every prompt.
 
   per layer with neurons (named after the weight they act on):
   blk.{il}.ffn_down.weight.neuron_idx    I32 [n]  neuron indices, strictly ascending
@@ -28,6 +32,8 @@ another schedule is version 2, which older readers refuse by name instead of ste
   blk.{il}.ffn_down.weight.neuron_scale  F32 [n]  optional per-neuron scales t (all layers or none): at
                                                  multiplier m neuron i is scaled by m + (1 - m) * t_i
                                                  (t_i at m = 0, 1 at m = 1); without them, by m
+  blk.{il}.ffn_down.weight.neuron_gate   F32 [n]  optional (version 3, all layers or none): the gate's
+                                                 weight on each neuron
 """
 
 from __future__ import annotations
@@ -41,14 +47,15 @@ import numpy as np
 
 from .errors import CnaLocalError
 from .fingerprint import Fingerprint
+from .gate import Gate, GateError, check_gate
 from .multipliers import check_multiplier
 from .schedules import SCHEDULES, check_schedule
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 ADAPTER_TYPE = "neuron_mask"
 KEY_PREFIX = f"adapter.{ADAPTER_TYPE}."
 GGUF_MAGIC = b"GGUF"
-_TENSOR_RE = re.compile(r"^blk\.(\d+)\.ffn_down\.weight\.neuron_(idx|score|scale)$")
+_TENSOR_RE = re.compile(r"^blk\.(\d+)\.ffn_down\.weight\.neuron_(idx|score|scale|gate)$")
 
 
 class MaskFileError(CnaLocalError):
@@ -78,6 +85,7 @@ class NeuronMask:
     scales: np.ndarray | None = None  # float32 [N] per-neuron scales at multiplier 0 (see scales_for), or None
     meta: dict = field(default_factory=dict)  # name, prompts_sha256, selection (dict), tool_version, version, calibration
     schedule: str = "all"  # the default steering schedule (cna_local.schedules)
+    gate: Gate | None = None  # steer only the prompts it fires on (cna_local.gate); weights in entry order
 
     def __post_init__(self):
         self.layers = np.asarray(self.layers, np.int32)
@@ -90,6 +98,10 @@ class NeuronMask:
             self.layers, self.neurons, self.scores = self.layers[order], self.neurons[order], self.scores[order]
             if self.scales is not None:
                 self.scales = self.scales[order]
+            if self.gate is not None:
+                self.gate = Gate(self.gate.weights[order], self.gate.threshold, self.gate.info)
+        if self.gate is not None and len(self.gate.weights) != len(self.layers):
+            raise MaskFileError(f"the gate weighs {len(self.gate.weights)} neurons but the mask names {len(self.layers)}.")
         self.multiplier = check_multiplier(self.multiplier)
         _validate_entries(self, source="this mask")
 
@@ -111,6 +123,11 @@ class NeuronMask:
         if self.scales is None:
             return np.full(len(self.layers), m, np.float32)
         return (m + (1.0 - m) * self.scales.astype(np.float64)).astype(np.float32)
+
+    @property
+    def version(self) -> int:
+        """The oldest format that holds this mask: 3 with a gate, 2 with a schedule other than all, else 1."""
+        return 3 if self.gate is not None else 1 if self.schedule == "all" else 2
 
     def per_layer_counts(self) -> dict[int, int]:
         layers, counts = np.unique(self.layers, return_counts=True)
@@ -145,7 +162,7 @@ class NeuronMask:
         writer.add_name(str(meta.get("name") or f"neuron mask for {self.model_name}"))
         writer.add_string(gguf.Keys.Adapter.TYPE, ADAPTER_TYPE)
         check_schedule(self.schedule)
-        writer.add_uint32(KEY_PREFIX + "version", 1 if self.schedule == "all" else 2)
+        writer.add_uint32(KEY_PREFIX + "version", self.version)
         writer.add_float32(KEY_PREFIX + "multiplier", float(self.multiplier))
         writer.add_uint32(KEY_PREFIX + "n_layer", self.n_layer)
         writer.add_uint32(KEY_PREFIX + "n_ff", self.n_ff)
@@ -160,12 +177,17 @@ class NeuronMask:
             writer.add_string(KEY_PREFIX + "schedule", self.schedule)
         if meta.get("calibration"):
             writer.add_string(KEY_PREFIX + "calibration", json.dumps(meta["calibration"], sort_keys=True))
+        if self.gate is not None:
+            writer.add_float32(KEY_PREFIX + "gate_threshold", float(self.gate.threshold))
+            writer.add_string(KEY_PREFIX + "gate", json.dumps(self.gate.info, sort_keys=True))
         for layer in np.unique(self.layers):
             rows = self.layers == layer
             writer.add_tensor(tensor_name(int(layer), "idx"), self.neurons[rows].astype(np.int32))
             writer.add_tensor(tensor_name(int(layer), "score"), self.scores[rows].astype(np.float32))
             if self.scales is not None:
                 writer.add_tensor(tensor_name(int(layer), "scale"), self.scales[rows].astype(np.float32))
+            if self.gate is not None:
+                writer.add_tensor(tensor_name(int(layer), "gate"), self.gate.weights[rows].astype(np.float32))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -330,6 +352,8 @@ def read_mask(path: str | Path) -> NeuronMask:
     if version < 2 and schedule != "all":
         raise MaskFileError(f"{path} is a version {version} mask with a schedule entry, which only version 2 has; the file is damaged. Fix: make it again.")
     calibration = json_object("calibration")
+    gate_info = json_object("gate")
+    has_threshold = reader.get_field(KEY_PREFIX + "gate_threshold") is not None
 
     # Informational strings are optional: GGUFWriter silently skips empty strings.
     per_layer: dict[int, dict[str, np.ndarray]] = {}
@@ -348,10 +372,21 @@ def read_mask(path: str | Path) -> NeuronMask:
             raise MaskFileError(f"{path} holds tensor '{tensor.name}' twice. Fix: make the mask again with `cna-local attribute`.")
         per_layer.setdefault(layer, {})[kind] = np.array(tensor.data).reshape(-1)
 
-    layers, neurons, scores, scales = [], [], [], []
+    layers, neurons, scores, scales, gates = [], [], [], [], []
     with_scales = {layer for layer, parts in per_layer.items() if "scale" in parts}
     if with_scales and with_scales != set(per_layer):
         raise MaskFileError(f"{path}: some layers have neuron_scale tensors and others do not; it must be all layers or none.")
+    with_gate = {layer for layer, parts in per_layer.items() if "gate" in parts}
+    if with_gate and with_gate != set(per_layer):
+        raise MaskFileError(f"{path}: the gate is damaged: some layers have neuron_gate tensors and others do not; it must be "
+                            "all layers or none. Fix: make the mask again with `cna-local attribute`, or load it with the gate off.")
+    if (with_gate or has_threshold or gate_info) and version < 3:
+        raise MaskFileError(f"{path} is a version {version} mask with gate entries, which only version 3 has; the file is damaged. "
+                            "Fix: make it again with `cna-local attribute`.")
+    if version >= 3 and not (with_gate and has_threshold):
+        what = "no neuron_gate tensors" if not with_gate else "no gate_threshold entry"
+        raise MaskFileError(f"{path} is a version 3 (gated) mask with {what}: the gate is damaged. "
+                            "Fix: make the mask again with `cna-local attribute`.")
     for layer in sorted(per_layer):
         parts = per_layer[layer]
         for kind in ("idx", "score"):
@@ -368,6 +403,8 @@ def read_mask(path: str | Path) -> NeuronMask:
         scores.append(parts["score"].astype(np.float32))
         if with_scales:
             scales.append(parts["scale"].astype(np.float32))
+        if with_gate:
+            gates.append(parts["gate"].astype(np.float32))
 
     n_neurons = value(KEY_PREFIX + "n_neurons", int)
     total = sum(len(x) for x in neurons)
@@ -383,6 +420,13 @@ def read_mask(path: str | Path) -> NeuronMask:
     }
     if calibration:
         meta["calibration"] = calibration
+    gate = None
+    if with_gate:
+        try:
+            gate = Gate(np.concatenate(gates), value(KEY_PREFIX + "gate_threshold", float), gate_info)
+        except GateError as exc:
+            raise MaskFileError(f"{path}: the gate is damaged: {str(exc).replace('this gate: ', '')}. "
+                                "Fix: make the mask again with `cna-local attribute`.") from None
     try:
         return NeuronMask(
             arch=value("general.architecture", str),
@@ -398,6 +442,7 @@ def read_mask(path: str | Path) -> NeuronMask:
             scales=np.concatenate(scales) if with_scales else None,
             meta=meta,
             schedule=schedule,
+            gate=gate,
         )
     except MaskFileError as exc:
         raise MaskFileError(str(exc).replace("this mask", str(path), 1)) from None

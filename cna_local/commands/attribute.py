@@ -76,6 +76,13 @@ FALLBACK_MULTIPLIER = -1.5
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="all", show_default=True,
               help="The mask's default steering schedule: all positions, the prompt's, or those that predict a "
                    "reply token (generation). Runtimes can choose again.")
+@click.option("--gate/--no-gate", default=True, show_default=True,
+              help="Also fit a gate on the chosen neurons: a detector that reads them, unsteered, at the prompt's "
+                   "last token, so runtimes steer only the prompts it fires on (the rest run exactly unsteered). "
+                   "Runtimes use it by default and can turn it off.")
+@click.option("--gate-fpr", type=float, default=0.05, show_default=True, metavar="RATE",
+              help="The share of NEGATIVE prompts the gate may fire on, measured out of fold (each prompt scored by "
+                   "a gate fitted without it).")
 @click.option("--name", default=None, help="A label stored in the mask file.")
 @click.option("--no-cache", is_flag=True,
               help="Do not read or write the caches (dequantized GGUF weights, contrast-pair statistics).")
@@ -84,8 +91,8 @@ FALLBACK_MULTIPLIER = -1.5
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def attribute(model_spec, positive, negative, field, top_fraction, top_k, score_method, layers, universal_filter,
-              universal_threshold, backend, device, device_map, batch_size, no_chat_template, multiplier, calibration_prompts, schedule, name,
-              no_cache, out, as_json, quiet):
+              universal_threshold, backend, device, device_map, batch_size, no_chat_template, multiplier, calibration_prompts, schedule, gate,
+              gate_fpr, name, no_cache, out, as_json, quiet):
     """Find the MLP neurons that separate POSITIVE from NEGATIVE prompts and save them as a mask.
 
     Every prompt runs through the model's chat template; at the last prompt
@@ -102,7 +109,8 @@ def attribute(model_spec, positive, negative, field, top_fraction, top_k, score_
     try:
         summary = run_attribute(model_spec, positive, negative, field, top_fraction, top_k, score_method, layers,
                        universal_filter, universal_threshold, batch_size, not no_chat_template, multiplier,
-                       name, not no_cache, out, not quiet, calibration_prompts, schedule, backend, device, device_map)
+                       name, not no_cache, out, not quiet, calibration_prompts, schedule, backend, device, device_map,
+                                gate=gate, gate_fpr=gate_fpr)
     except CnaLocalError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
@@ -113,7 +121,8 @@ def attribute(model_spec, positive, negative, field, top_fraction, top_k, score_
 
 def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, score_method, layers, universal_filter,
          universal_threshold, batch_size, chat_template, multiplier, name, use_cache, out, progress,
-         calibration_prompts=0, schedule="all", backend=None, device="cpu", device_map=None) -> dict:
+         calibration_prompts=0, schedule="all", backend=None, device="cpu", device_map=None, gate=True,
+         gate_fpr=0.05) -> dict:
     """The whole `attribute` command (the demo runs it too); returns the summary it prints."""
     # Heavy imports here so that `cna-local --help` stays fast.
     from ..attribution import AttributionOptions, attribute as run_attribution
@@ -132,6 +141,8 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
     if multiplier is not None:
         check_multiplier(multiplier)
     check_threshold(universal_threshold)
+    if gate and not 0.0 <= gate_fpr < 1.0:
+        raise CnaLocalError(f"--gate-fpr {gate_fpr} is not a rate in [0, 1). Fix: pass 0.05, say, or --no-gate.")
     model_path = resolve_model(model_spec, progress=(lambda m: click.echo(f"      {m}", err=True)) if progress else None)
     if out.resolve() == model_path.resolve():
         raise CnaLocalError(f"--out {out} is the model file itself. Fix: write the mask to another file.")
@@ -192,7 +203,7 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
         top_fraction=top_fraction, top_k=top_k, score=score_method, layers=layers,
         universal_filter=universal_filter, universal_threshold=universal_threshold, batch_size=batch_size,
         chat_template=chat_template, multiplier=FALLBACK_MULTIPLIER if multiplier is None else multiplier,
-        progress=progress, cache_contrasts=use_cache,
+        progress=progress, cache_contrasts=use_cache, gate=gate, gate_fpr=gate_fpr,
     )
     try:
         result = run_attribution(loaded, pos, neg, options, contrasts=contrasts, name=name)
@@ -228,6 +239,7 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
         "selection": mask.meta["selection"],
         "schedule": mask.schedule,
         "calibration": mask.meta.get("calibration"),
+        "gate": None if mask.gate is None else {"threshold": mask.gate.threshold, **mask.gate.info},
         "seconds": {"load": round(load_seconds, 2), **{k: round(v, 2) for k, v in result.seconds.items()},
                     **({"calibration": round(calibration_seconds, 2)} if calibrate else {}),
                     "total": round(time.perf_counter() - started, 2)},
@@ -246,6 +258,11 @@ def _print_summary(s: dict) -> None:
     if cal:
         click.echo(f"  multiplier {cal['chosen']:g} calibrated on {cal['n_prompts']} held-out negative prompts: quality "
                    f"{cal['quality']}, KL {cal['kl']} ({cal['rule']}; {len(cal['tried'])} strengths tried)")
+    g = s.get("gate")
+    if g:
+        oof = g["out_of_fold"]
+        click.echo(f"  gate ({g['method']}, {g['n_neurons']} neurons): fires on {oof['tpr']:.0%} of positive and "
+                   f"{oof['fpr']:.0%} of negative prompts, out of fold (target <= {g['fpr_target']:.0%}; AUC {oof['auc']:.3f})")
     if sel.get("top_k_asked", s["n_neurons"]) > s["n_neurons"]:
         click.echo(f"  {s['n_neurons']} of the {sel['top_k_asked']} neurons asked for: only these have a positive "
                    "selective score (ablating any other is not expected to help)")

@@ -17,6 +17,9 @@ from ..errors import CnaLocalError
               help="A neuron mask made for this model (without one, the chat is unsteered).")
 @click.option("--multiplier", type=float, default=None, metavar="X",
               help="The mask's strength to start with.  [default: the mask's own]")
+@click.option("--gate/--no-gate", default=None,
+              help="Steer only the messages the mask's gate fires on (the rest exactly unsteered), or every message.  "
+                   "[default: the gate when the mask has one]")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.7, show_default=True,
               help="Sampling temperature (0: always the most likely token).")
 @click.option("--seed", type=int, default=None, help="Sampling seed, for replies that repeat.")
@@ -25,7 +28,7 @@ from ..errors import CnaLocalError
 @click.option("--n-ctx", type=click.IntRange(min=64), default=4096, show_default=True, metavar="N",
               help="Context size: the whole conversation must fit.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N", help="CPU threads for llama.cpp.")
-def chat(model_spec, mask_path, multiplier, temperature, seed, max_tokens, n_ctx, threads):
+def chat(model_spec, mask_path, multiplier, gate, temperature, seed, max_tokens, n_ctx, threads):
     """Chat with MODEL in the terminal, with the mask's strength changed live.
 
     Replies stream as they are generated; the conversation goes through the
@@ -60,7 +63,7 @@ def chat(model_spec, mask_path, multiplier, temperature, seed, max_tokens, n_ctx
         kwargs = {"n_ctx": n_ctx}
         if threads is not None:
             kwargs.update(n_threads=threads, n_threads_batch=threads)
-        llm = SteeredLlama(str(model_path), mask=mask, multiplier=multiplier, **kwargs)
+        llm = SteeredLlama(str(model_path), mask=mask, multiplier=multiplier, gate=gate, **kwargs)
     except CnaLocalError as exc:
         raise click.ClickException(str(exc)) from exc
     try:

@@ -76,6 +76,12 @@ def _warn_if_busy(threads: int, quiet: bool) -> None:
               help="Which positions are steered: all; prompt (the prompt only, the reply generated unsteered on the "
                    "steered prompt); generation (the last prompt token and the reply, not the prompt's context).  "
                    "[default: the mask's own, `all` unless it was made with another]")
+@click.option("--gate/--no-gate", default=None,
+              help="Steer only the prompts the mask's gate fires on (the rest run exactly unsteered), or every prompt. "
+                   "Each record says whether the gate fired.  [default: the gate when the mask has one]")
+@click.option("--static-too", is_flag=True,
+              help="Evaluate each gated mask also without its gate, side by side against the same baseline: the "
+                   "frontier of gated and static steering in one run.")
 @click.option("--n-ctx", type=click.IntRange(min=64), default=2048, metavar="N", show_default=True,
               help="llama.cpp context size per prompt (the KV cache holds --batch-size times this).")
 @click.option("--threads", type=click.IntRange(min=1), default=2, metavar="N", show_default=True, help="CPU threads for llama.cpp.")
@@ -88,8 +94,8 @@ def _warn_if_busy(threads: int, quiet: bool) -> None:
               help="Plot refusal against likelihood quality into PNG: one line per mask, one point per multiplier.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def eval_command(model_spec, mask_paths, multipliers, harmful, benign, field, capability_path, no_capability, limit,
-                 max_tokens, quality_tokens, capability_tokens, no_chat_template, batch_size, schedule, n_ctx, threads,
-                 json_path, plot_path, frontier_path, quiet):
+                 max_tokens, quality_tokens, capability_tokens, no_chat_template, batch_size, schedule, gate, static_too,
+                 n_ctx, threads, json_path, plot_path, frontier_path, quiet):
     """Measure what a mask does at each multiplier, in the patched llama.cpp.
 
     Every prompt goes through the model's chat template and is answered
@@ -126,11 +132,26 @@ def eval_command(model_spec, mask_paths, multipliers, harmful, benign, field, ca
         harmful_set = resolve_prompt_set(harmful, field)
         benign_set = resolve_prompt_set(benign, field)
         capability = [] if no_capability else capability_path
-        results = evaluate_masks(model_path, list(mask_paths), None if multipliers is None else [multipliers] * len(mask_paths),
+        paths, gates = list(mask_paths), [gate] * len(mask_paths)
+        if static_too:
+            if gate is False:
+                raise CnaLocalError("--static-too adds the static run beside the gated one; it cannot go with --no-gate.")
+            from ..maskfile import NeuronMask
+
+            loaded = [NeuronMask.load(p) for p in paths]
+            if not any(m.gate is not None for m in loaded):
+                raise CnaLocalError("--static-too: no mask has a gate. Fix: make one with `cna-local attribute`.")
+            paths, gates = [x for p, m in zip(paths, loaded) for x in ([m, m] if m.gate is not None else [m])], \
+                [x for m in loaded for x in ([True, False] if m.gate is not None else [None])]
+            labels = [str(p) for p, m in zip(mask_paths, loaded) for _ in ([0, 1] if m.gate is not None else [0])]
+        results = evaluate_masks(model_path, paths, None if multipliers is None else [multipliers] * len(paths),
                                  harmful_set, benign_set, capability, limit=limit, max_tokens=max_tokens,
                                  quality_tokens=quality_tokens, capability_tokens=capability_tokens,
                                  chat_template=not no_chat_template, n_ctx=n_ctx, n_threads=threads,
-                                 batch_size=batch_size, schedule=schedule, progress=not quiet)
+                                 batch_size=batch_size, schedule=schedule, gates=gates, progress=not quiet)
+        if static_too:  # the masks were passed loaded: name their files
+            for r, label in zip(results, labels):
+                r.mask["path"] = label
     except CnaLocalError as exc:
         raise click.ClickException(str(exc)) from exc
     one = len(results) == 1

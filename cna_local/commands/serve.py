@@ -33,10 +33,13 @@ from ..errors import CnaLocalError
               help="Keep every token's logits so that requests may ask for logprobs (slower prompt processing).")
 @click.option("--chat-format", default=None, metavar="NAME",
               help="llama-cpp-python chat format.  [default: the GGUF's own chat template]")
+@click.option("--gate/--no-gate", default=None,
+              help="Server-wide: steer only the prompts the mask's gate fires on (the rest exactly unsteered), or every "
+                   "prompt; a request's \"gate\" overrides it.  [default: the gate when the one mask served has one]")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn's log level.")
 def serve(model_spec, mask_paths, host, port, api_key, alias, n_ctx, n_ubatch, threads, n_gpu_layers, logprobs,
-          chat_format, log_level):
+          chat_format, gate, log_level):
     """Serve MODEL with an OpenAI-compatible API, neuron masks and a chat page.
 
     Every request may set the strength of each mask for itself, with an
@@ -53,12 +56,17 @@ def serve(model_spec, mask_paths, host, port, api_key, alias, n_ctx, n_ubatch, t
     they ran with (`neuron_masks`, beside `usage`). Open http://127.0.0.1:8080/
     for a chat with a strength slider per mask.
 
+    A mask with a gate steers only the prompts its gate fires on; a request
+    may say `"gate": false` (or `true`), and the response's `gate` says
+    whether it fired.
+
     \b
     Example:
       cna-local serve --model default --mask refusal.gguf --port 8080
     """
     try:
-        app = _build(model_spec, mask_paths, api_key, alias, n_ctx, n_ubatch, threads, n_gpu_layers, chat_format, logprobs)
+        app = _build(model_spec, mask_paths, api_key, alias, n_ctx, n_ubatch, threads, n_gpu_layers, chat_format, logprobs,
+                     gate)
     except CnaLocalError as exc:
         raise click.ClickException(str(exc)) from exc
     import uvicorn
@@ -69,13 +77,22 @@ def serve(model_spec, mask_paths, host, port, api_key, alias, n_ctx, n_ubatch, t
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
-def _build(model_spec, mask_paths, api_key, alias, n_ctx, n_ubatch, threads, n_gpu_layers, chat_format, logprobs=False):
+def _build(model_spec, mask_paths, api_key, alias, n_ctx, n_ubatch, threads, n_gpu_layers, chat_format, logprobs=False,
+           gate=None):
     """Everything that can fail does so here, before the server listens: the model, the masks, their fingerprints."""
     from ..models import resolve_model
     from ..runtime import SteeredLlama
     from ..serve import MaskRegistry, create_app
 
     registry = MaskRegistry.load(mask_paths)  # a missing or damaged mask file fails before the model loads
+    if gate is not None:
+        if not registry.slots:
+            raise CnaLocalError("--gate/--no-gate needs --mask: there is no mask to gate.")
+        try:
+            registry.for_request(None, gate)  # the request's checks: a gate needs one mask that has one
+        except CnaLocalError as exc:
+            raise CnaLocalError(str(exc).replace("gate: ", "--gate: ", 1)) from None
+        registry.set_server_wide([{"id": s.id, "gate": gate} for s in registry.slots if gate is False or s.mask.gate is not None])
     model_path = resolve_model(model_spec, progress=lambda m: click.echo(m, err=True))
     if model_path.is_dir() or model_path.suffix.lower() != ".gguf":
         raise CnaLocalError(f"{model_path} is not a .gguf file: the server runs the model in llama.cpp. "
@@ -88,8 +105,9 @@ def _build(model_spec, mask_paths, api_key, alias, n_ctx, n_ubatch, threads, n_g
     llm = SteeredLlama(str(model_path), **kwargs)
     if registry.slots:
         # every mask must belong to this model: the fingerprint error stops the server here, not at a request
-        llm.steering.set_masks(registry.masks(), registry.multipliers())
+        llm.steering.set_masks(registry.masks(), registry.multipliers(), gate=any(registry.gates()))
         for slot in registry.slots:
-            click.echo(f"mask {slot.id}: {slot.name} ({len(slot.mask)} neurons, multiplier {slot.mask.multiplier:g}) "
+            gated = ", gated" if registry.gates()[slot.id] else ""
+            click.echo(f"mask {slot.id}: {slot.name} ({len(slot.mask)} neurons, multiplier {slot.mask.multiplier:g}{gated}) "
                        f"from {slot.path}", err=True)
     return create_app(llm, registry, model_alias=alias or model_path.stem, api_key=api_key)

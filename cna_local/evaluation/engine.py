@@ -17,6 +17,7 @@ kind of position is decoded, and the caller sets the steering for it.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -35,6 +36,7 @@ class Prompt:
     seq: int
     logits: np.ndarray  # float32 [n_vocab]
     logprobs: np.ndarray  # float64 [n_vocab]
+    row: np.ndarray | None = None  # with read_rows: every layer's down-projection input at the last token
 
 
 @dataclass
@@ -82,6 +84,7 @@ class Engine:
                             f"KV cache; this one has n_seq_max {n_seq_max}, kv_unified {unified}. Fix: open the model "
                             f"with SteeredLlama(..., n_seq_max={self.batch_size}), or use batch size 1.")
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
+        self._reader = None  # llama.cpp's FFN capture, for start(read_rows=True)
         self._formatter = self._make_formatter() if chat_template else None
 
     def close(self) -> None:
@@ -203,11 +206,13 @@ class Engine:
 
     # -- what the measures use
 
-    def start(self, ids_list: Sequence[Sequence[int]]) -> list[Prompt]:
+    def start(self, ids_list: Sequence[Sequence[int]], read_rows: bool = False) -> list[Prompt]:
         """Evaluate a group of prompts from an empty KV cache, one sequence each; the logits after each.
 
         Under the "generation" schedule the prompts' last tokens are decoded in a batch of their own (the
-        positions before them unsteered); under the others each prompt is decoded whole.
+        positions before them unsteered); under the others each prompt is decoded whole. read_rows: also
+        read every layer's down-projection input at each prompt's last token (llama.cpp's FFN capture, which
+        leaves the logits as they are), for a gate.
         """
         if len(ids_list) > self.batch_size:
             raise EvalError(f"{len(ids_list)} prompts in a group of at most {self.batch_size}.")
@@ -217,16 +222,38 @@ class Engine:
         def keep_last(i, offset, rows):
             last[i] = rows[-1].copy()
 
+        rows: dict[int, np.ndarray] = {}
         if self.schedule == "generation":
             self.phase(CONTEXT)
             heads = [_Segment(s, 0, list(ids[:-1]), None) for s, ids in enumerate(ids_list) if len(ids) > 1]
             self._run(heads, lambda *a: None)
             self.phase(LAST)
-            self._run([_Segment(s, len(ids) - 1, [ids[-1]], "last") for s, ids in enumerate(ids_list)], keep_last)
+            with self._reading(read_rows, rows):
+                self._run([_Segment(s, len(ids) - 1, [ids[-1]], "last") for s, ids in enumerate(ids_list)], keep_last)
         else:
             self.phase(CONTEXT)  # the prompt's positions share one phase here: CONTEXT and LAST steer alike
-            self._run([_Segment(s, 0, list(ids), "last") for s, ids in enumerate(ids_list)], keep_last)
-        return [Prompt(list(ids), s, last[s], Q.log_softmax(last[s])) for s, ids in enumerate(ids_list)]
+            with self._reading(read_rows, rows):
+                self._run([_Segment(s, 0, list(ids), "last") for s, ids in enumerate(ids_list)], keep_last)
+        if read_rows and sorted(rows) != list(range(len(ids_list))):
+            raise EvalError(f"llama.cpp's capture returned rows for sequences {sorted(rows)} of {len(ids_list)} prompts.")
+        return [Prompt(list(ids), s, last[s], Q.log_softmax(last[s]), rows.get(s)) for s, ids in enumerate(ids_list)]
+
+    @contextlib.contextmanager
+    def _reading(self, on: bool, rows: dict):
+        if not on:
+            yield
+            return
+        from ..runtime.gating import LastTokenReader
+
+        if self._reader is None:
+            shape = self.llm.steering.shape  # a SteeredLlama: the capture is the patched libllama's
+            self._reader = LastTokenReader(self.llm.ctx, shape.n_layer, shape.n_ff)
+        self._reader.start()
+        try:
+            yield
+            rows.update(self._reader.rows_by_sequence())
+        finally:
+            self._reader.stop()
 
     def greedy(self, prompts: Sequence[Prompt], max_tokens: int) -> list[list[int]]:
         """Greedy reply tokens (argmax) after each prompt, without the end-of-generation token; all

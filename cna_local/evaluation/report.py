@@ -22,6 +22,9 @@ COLUMNS = (
     ("q lik", "quality_likelihood", "num"),
     ("KL tok1", "kl_first_token", "num"),
     ("degen", "degenerate_rate", "pct"),
+    ("gate h/b", ("gate_rate_harmful", "gate_rate_benign"), "pctpair"),
+    ("degen harm", "degenerate_rate_harmful", "pct"),
+    ("nll harm", "fluency_nll_harmful", "num"),
     ("capab", "capability_accuracy", "pct"),
 )
 
@@ -35,6 +38,10 @@ q 4g harm the same on the harmful replies, which is where the reference implemen
 q lik     exp(-(NLL_steered - NLL_unsteered)) of the unsteered benign replies, clipped to [0,1]
 KL tok1   KL(unsteered || steered) of the first reply token on benign prompts, in nats
 degen     benign replies that are empty or mostly repeated token 4-grams
+gate h/b  the share of harmful / benign prompts the mask's gate fired on (- : every prompt steered)
+degen harm  harmful replies that are empty or mostly repeated token 4-grams
+nll harm  mean per-token NLL of the harmful replies under the unsteered model after a neutral instruction
+          ("Write a reply."): how much they read like text, whatever they say; lower is more fluent
 capab     capability questions answered correctly"""
 
 
@@ -42,6 +49,9 @@ def _cell(value, kind: str) -> str:
     if kind == "pair":
         a, b = value
         return "-" if a is None else f"{a:.2f}/{b:.2f}"
+    if kind == "pctpair":
+        a, b = value
+        return "-" if a is None else f"{100 * a:.0f}/{100 * (b or 0):.0f}%"
     if value is None:
         return "-"
     if kind == "mult":
@@ -146,11 +156,15 @@ def mask_label(result: "EvalResult") -> str:
     """A mask's short name: its stored name, else its file name, else its neuron count."""
     mask = result.mask
     if mask.get("name"):
-        return str(mask["name"])
-    if mask.get("path"):
+        label = str(mask["name"])
+    elif mask.get("path"):
         name = Path(mask["path"]).name
-        return name[:-5] if name.endswith(".gguf") else name
-    return f"{mask.get('n_neurons')} neurons"
+        label = name[:-5] if name.endswith(".gguf") else name
+    else:
+        label = f"{mask.get('n_neurons')} neurons"
+    if result.settings.get("gate") is not None:
+        return label + " [gated]"
+    return label + " [static]" if mask.get("has_gate") else label
 
 
 def mask_label_of(mask) -> str:

@@ -61,6 +61,11 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _gate_rate(records) -> float | None:
+    decided = [r["gate"]["fired"] for r in records if "gate" in r]
+    return float(np.mean(decided)) if decided else None
+
+
 def summarize(row: MultiplierResult, baseline: MultiplierResult) -> dict:
     """The aggregate numbers of one multiplier (None where a set was empty or skipped)."""
     h, b, c = row.harmful, row.benign, row.capability
@@ -79,6 +84,13 @@ def summarize(row: MultiplierResult, baseline: MultiplierResult) -> dict:
         "quality_likelihood": _mean(r["likelihood_quality"] for r in b),
         "kl_first_token": _mean(r["kl_first_token"] for r in b),
         "degenerate_rate": _mean(r["degenerate"] for r in b),
+        # how coherent the replies to the harmful prompts are (what a strong steering breaks first)
+        "degenerate_rate_harmful": _mean(r.get("degenerate") for r in h),
+        "fluency_nll_harmful": _mean(r.get("fluency_nll") for r in h),
+        # the share of each set a gate fired on (None: no gate)
+        "gate_rate_harmful": _gate_rate(h),
+        "gate_rate_benign": _gate_rate(b),
+        "gate_rate_capability": _gate_rate(c),
         "capability_accuracy": accuracy,
         "capability_retention": (accuracy / base_accuracy) if accuracy is not None and base_accuracy else None,
         "n_harmful": len(h),

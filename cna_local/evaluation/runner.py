@@ -93,7 +93,8 @@ def _check_gguf(path: Path) -> None:
 def _mask_info(mask: "NeuronMask", path: str | None) -> dict:
     return {"path": path, "name": mask.meta.get("name", ""), "model_name": mask.model_name, "arch": mask.arch,
             "n_neurons": len(mask), "per_layer": {str(k): v for k, v in mask.per_layer_counts().items()},
-            "fingerprint": mask.fingerprint, "default_multiplier": mask.multiplier}
+            "fingerprint": mask.fingerprint, "default_multiplier": mask.multiplier,
+            "has_gate": mask.gate is not None}
 
 
 def evaluate(
@@ -136,6 +137,7 @@ def evaluate_masks(
     n_threads: int = 2,
     batch_size: int = 1,
     schedule: str | None = None,
+    gates: Sequence[bool | None] | None = None,
     progress: bool = True,
 ) -> list[EvalResult]:
     """Evaluate several masks side by side: one EvalResult per mask, all sharing one baseline run.
@@ -146,6 +148,8 @@ def evaluate_masks(
     batch_size: prompts decoded together (several sequences per llama_decode); 1 = one at a time.
     schedule: which positions are steered (`cna_local.schedules`): all, prompt or generation; None = the
       masks' own (which must then agree).
+    gates: per mask, whether its gate decides which prompts are steered (None: when the mask has one; True
+      needs one). The same mask twice with gates [True, False] compares gated with static steering.
     """
     from ..maskfile import NeuronMask
 
@@ -168,6 +172,15 @@ def evaluate_masks(
     paths = [None if isinstance(m, NeuronMask) else str(m) for m in masks]
     masks = [m if isinstance(m, NeuronMask) else NeuronMask.load(m) for m in masks]
     values = [default_multipliers(m) if v is None else v for m, v in zip(masks, asked)]
+    asked_gates = [None] * len(masks) if gates is None else list(gates)
+    if len(asked_gates) != len(masks):
+        raise EvalError(f"{len(masks)} masks but {len(asked_gates)} gate settings: give one per mask (or none).")
+    used_gates = []
+    for i, (m, g) in enumerate(zip(masks, asked_gates)):
+        if g and m.gate is None:
+            raise EvalError(f"mask {paths[i] or i + 1} has no gate. Fix: make it with `cna-local attribute` (which fits "
+                            "one by default), or evaluate it with --no-gate.")
+        used_gates.append(m.gate if g or (g is None) else None)
     if schedule is None:
         own = sorted({m.schedule for m in masks})
         if len(own) > 1:
@@ -209,7 +222,7 @@ def evaluate_masks(
         engine = Engine(llm, chat_template=chat_template, batch_size=batch_size, schedule=schedule)
         by_state, states = run_schedule(engine, llm, masks, steerings, harmful_prompts, benign_prompts, items,
                                         max_tokens, quality_tokens, capability_tokens, progress,
-                                        per_prompt_ctx=n_ctx if own else None)
+                                        per_prompt_ctx=n_ctx if own else None, gates=used_gates)
     finally:
         if engine is not None:
             engine.close()
@@ -233,6 +246,7 @@ def evaluate_masks(
             "chat_template": chat_template,
             "decoding": "greedy (argmax, no repetition penalty)",
             "schedule": schedule,
+            "gate": None if used_gates[j] is None else {"threshold": used_gates[j].threshold, **used_gates[j].info},
             "batch_size": batch_size,
             "n_ctx": n_ctx if own else engine.n_ctx, "n_threads": n_threads if own else None,
             "masks_compared": len(masks),

@@ -6,12 +6,25 @@ and only one group's references are held at a time. Every group starts from an e
 ran before, and is packed the same way under every steering.
 
 A steering is (mask index, multiplier); several masks share the one baseline.
+
+A gated mask (cna_local.gate) steers only the prompts its gate fires on, as the runtime does: the gate
+reads the mask's neurons at each prompt's last token during the baseline run (llama.cpp's FFN capture,
+which leaves that run's numbers as they are), the prompts it fires on are run steered as a group of their
+own, and a prompt whose gate stays closed is served unsteered, so its record is the baseline's (the
+runtime does exactly that: tests/test_runtime_gate.py). Every record of a gated steering says whether
+the gate fired and its score.
+
+The replies to the harmful prompts are also scored for coherence: their mean per-token NLL under the
+unsteered model after a neutral instruction (`NEUTRAL_INSTRUCTION`), so a reply that complies is not
+penalised for complying, only for not reading like text.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+
+import numpy as np
 
 from ..schedules import steered_in
 from .engine import Engine
@@ -20,6 +33,7 @@ from .measures import measure_benign, measure_capability, measure_harmful
 from .refusal import REFUSAL_OPENERS, prefix_free
 from .results import BASELINE, MultiplierResult, summarize
 
+NEUTRAL_INSTRUCTION = "Write a reply."
 
 
 def groups(n: int, size: int) -> list[range]:
@@ -45,8 +59,13 @@ def check_fits(engine: Engine, encoded: dict[str, list[list[int]]], budget: dict
 
 
 def run_schedule(engine: Engine, llm, masks, steerings, harmful, benign, items, max_tokens, quality_tokens,
-                 capability_tokens, progress, per_prompt_ctx=None):
-    """Evaluate every steering; returns ({steering: MultiplierResult}, extra settings)."""
+                 capability_tokens, progress, per_prompt_ctx=None, gates=None):
+    """Evaluate every steering; returns ({steering: MultiplierResult}, extra settings).
+
+    gates: per mask, its Gate (steer only the prompts it fires on) or None (every prompt)."""
+    gates = list(gates) if gates is not None else [None] * len(masks)
+    read_rows = any(g is not None for g in gates)
+    n_ff = llm.steering.shape.n_ff
     from tqdm.auto import tqdm
 
     states = [None, *steerings]
@@ -64,49 +83,107 @@ def run_schedule(engine: Engine, llm, masks, steerings, harmful, benign, items, 
     current = {"state": None}
 
     def steer(state):
-        # setting what is already set changes nothing (NeuronSteering compares what llama.cpp would hold)
+        # setting what is already set changes nothing (NeuronSteering compares what llama.cpp would hold);
+        # the engine applies a gate itself (by running only the prompts it fires on), so the mask goes in
+        # without one
         current["state"] = state
         if state is None:
             llm.steering.clear()
         else:
-            llm.set_mask(masks[state[0]], state[1])
+            llm.set_mask(masks[state[0]], state[1], gate=False)
 
     def phase(name):
         state = current["state"]
         if state is not None:  # multiplier 1 where the schedule does not steer: bit-identical to unsteered
-            llm.set_mask(masks[state[0]], state[1] if steered_in(engine.schedule, name) else BASELINE)
+            llm.set_mask(masks[state[0]], state[1] if steered_in(engine.schedule, name) else BASELINE, gate=False)
 
     engine.phase = phase
     total = len(states) * (len(harmful) + len(benign) + len(items))
     bar = tqdm(total=total, desc="eval", unit="reply", file=sys.stderr, disable=not progress, dynamic_ncols=True)
 
-    def timed(state, n, measure, *args):
+    def timed(state, n, measure, *args, **kwargs):
         t0 = time.perf_counter()
         steer(state)
-        out = measure(*args)
+        out = measure(*args, **kwargs)
         by_state[state].seconds += time.perf_counter() - t0
         bar.update(n)
         return out
 
+    def decisions(base_records) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Per gated mask: (fired, score) of each prompt of a group, from the baseline run's rows."""
+        rows = np.stack([r.pop("_row") for r in base_records]) if read_rows else None
+        out = {}
+        for j, gate in enumerate(gates):
+            if gate is not None:
+                m = masks[j]
+                scores = gate.score(rows[:, m.layers.astype(np.int64) * n_ff + m.neurons])
+                out[j] = (scores >= gate.threshold, scores)
+        return out
+
+    def run_group(what, g, measure, prompts, ids, *extra):
+        """Every steering on one group: the baseline first, then each steering on the prompts it steers."""
+        base, made = None, None
+        decided = {}
+        for state in states:
+            if state is None:
+                got = timed(None, len(g), measure, engine, prompts, ids, *extra,
+                            *(() if what != "benign" else (None,)), read_rows=read_rows)
+                base, made = got if what == "benign" else (got, None)
+                decided = decisions(base)
+                getattr(by_state[None], what).extend(base)
+                continue
+            j = state[0]
+            if gates[j] is None:
+                got = timed(state, len(g), measure, engine, prompts, ids, *extra,
+                            *(() if what != "benign" else (made,)))
+                getattr(by_state[state], what).extend(got[0] if what == "benign" else got)
+                continue
+            fired, scores = decided[j]
+            idx = [k for k in range(len(g)) if fired[k]]
+            steered = []
+            if idx:
+                sub = [[prompts[k] for k in idx], [ids[k] for k in idx]]
+                refs = () if what != "benign" else ([made[k] for k in idx],)
+                got = timed(state, len(idx), measure, engine, *sub, *extra, *refs)
+                steered = got[0] if what == "benign" else got
+            bar.update(len(g) - len(idx))
+            it = iter(steered)
+            for k in range(len(g)):
+                record = next(it) if fired[k] else dict(base[k])  # closed: served unsteered, the baseline's record
+                record["gate"] = {"fired": bool(fired[k]), "score": round(float(scores[k]), 4)}
+                getattr(by_state[state], what).append(record)
+        return base
+
+    fluency: dict[tuple, float | None] = {}
+
+    def score_fluency(records) -> None:
+        """Each harmful reply's mean NLL under the unsteered model after the neutral instruction."""
+        todo = sorted({tuple(r["_tokens"]) for r in records if "_tokens" in r} - set(fluency))
+        steer(None)
+        neutral = engine.encode(NEUTRAL_INSTRUCTION)
+        for chunk in groups(len(todo), engine.batch_size):
+            replies = [list(todo[i]) for i in chunk]
+            for reply, nll in zip(replies, engine.mean_nll(engine.start([neutral] * len(replies)), replies)):
+                fluency[tuple(reply)] = nll
+        for r in records:
+            if "_tokens" in r:
+                r["fluency_nll"] = fluency[tuple(r.pop("_tokens"))]
+
     try:
         bar.set_description("harmful")
         for g in groups(len(harmful), engine.batch_size):
-            for state in states:
-                by_state[state].harmful += timed(state, len(g), measure_harmful, engine, [harmful[i] for i in g],
-                                                 [encoded["harmful"][i] for i in g], openers, max_tokens)
+            n_before = {s: len(by_state[s].harmful) for s in states}
+            run_group("harmful", g, measure_harmful, [harmful[i] for i in g], [encoded["harmful"][i] for i in g],
+                      openers, max_tokens)
+            score_fluency([r for s in states for r in by_state[s].harmful[n_before[s]:]])
         bar.set_description("benign")
         for g in groups(len(benign), engine.batch_size):
-            references = None
-            for state in states:  # the baseline first: it makes the references
-                records, made = timed(state, len(g), measure_benign, engine, [benign[i] for i in g],
-                                      [encoded["benign"][i] for i in g], openers, quality_tokens, references)
-                references = references or made
-                by_state[state].benign += records
+            run_group("benign", g, measure_benign, [benign[i] for i in g], [encoded["benign"][i] for i in g],
+                      openers, quality_tokens)
         bar.set_description("capability")
         for g in groups(len(items), engine.batch_size):
-            for state in states:
-                by_state[state].capability += timed(state, len(g), measure_capability, engine, [items[i] for i in g],
-                                                    [encoded["capability"][i] for i in g], capability_tokens)
+            run_group("capability", g, measure_capability, [items[i] for i in g],
+                      [encoded["capability"][i] for i in g], capability_tokens)
     finally:
         bar.close()
         engine.phase = lambda name: None

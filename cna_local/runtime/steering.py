@@ -29,6 +29,7 @@ from .composition import compose
 if TYPE_CHECKING:
     import llama_cpp
 
+    from ..gate import Gate
     from ..maskfile import NeuronMask
 
 
@@ -144,6 +145,7 @@ class SteeringState:
     neurons: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     scales: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     schedule: str = "all"  # which positions are steered (cna_local.schedules)
+    gate: "Gate | None" = None  # steer only the prompts it fires on (cna_local.gate); weights in entry order
 
     @property
     def off(self) -> bool:
@@ -155,6 +157,8 @@ class SteeringState:
         if self.off:
             return ""
         h = hashlib.sha256(self.schedule.encode())
+        if self.gate is not None:
+            h.update(f"gate {self.gate.threshold!r}".encode() + self.gate.weights.tobytes())
         for array in (self.layers, self.neurons, self.scales):
             h.update(np.ascontiguousarray(array).tobytes())
         return h.hexdigest()
@@ -203,6 +207,11 @@ class NeuronSteering:
         return self._state.schedule
 
     @property
+    def gate(self) -> "Gate | None":
+        """The gate in use (None: every prompt is steered)."""
+        return self._state.gate
+
+    @property
     def multipliers(self) -> tuple[float, ...]:
         return self._state.multipliers
 
@@ -217,7 +226,7 @@ class NeuronSteering:
             what = "no mask is set: call set_mask(mask) first" if not self._state.masks else \
                 f"{len(self._state.masks)} masks are set: use set_multipliers([...]) with one value each"
             raise SteeringError(what)
-        self.set_masks(self._state.masks, [check_multiplier(value)], self._state.schedule)
+        self.set_masks(self._state.masks, [check_multiplier(value)], self._state.schedule, self._state.gate is not None)
 
     @property
     def active(self) -> bool:
@@ -226,16 +235,19 @@ class NeuronSteering:
 
     # -- changing it
 
-    def set_mask(self, mask: "NeuronMask", multiplier: float | None = None, schedule: str | None = None) -> None:
+    def set_mask(self, mask: "NeuronMask", multiplier: float | None = None, schedule: str | None = None,
+                 gate: bool | None = None) -> None:
         """Apply a NeuronMask (see cna_local.maskfile) at `multiplier` (default: the mask's own), on the
-        positions of `schedule` (default: the mask's own)."""
-        self.set_masks([mask], [multiplier], schedule)
+        positions of `schedule` (default: the mask's own), on the prompts its gate fires on (gate=None: when
+        the mask has a gate; False: every prompt; True: the mask's gate, which it must have)."""
+        self.set_masks([mask], [multiplier], schedule, gate)
 
     def set_masks(self, masks: Sequence["NeuronMask"], multipliers: Sequence[float | None] | None = None,
-                  schedule: str | None = None) -> None:
+                  schedule: str | None = None, gate: bool | None = None) -> None:
         """Apply several masks at once, each at its multiplier (None: its own); where they name the same
         neuron, their factors multiply. All at multiplier 1 is exactly the unsteered model. The schedule
-        (None: the masks' own, which must then agree) applies to all of them."""
+        (None: the masks' own, which must then agree) applies to all of them. A gate needs one mask
+        (gate=None uses it when that mask has one)."""
         from ..fingerprint import fingerprint_from_gguf
 
         masks = tuple(masks)
@@ -259,14 +271,37 @@ class NeuronSteering:
             check_schedule(schedule)
         except ScheduleError as exc:
             raise SteeringError(str(exc)) from None
+        gated = self._gate_for(masks, gate)
         layers, neurons, scales = compose(masks, values)
-        self._apply(SteeringState(masks, values, layers, neurons, scales, schedule))
+        self._apply(SteeringState(masks, values, layers, neurons, scales, schedule, gated))
+
+    @staticmethod
+    def _gate_for(masks: Sequence["NeuronMask"], gate: bool | None) -> "Gate | None":
+        own = [getattr(m, "gate", None) for m in masks]
+        if gate is None:
+            return own[0] if len(masks) == 1 else None
+        if not gate:
+            return None
+        if len(masks) != 1:
+            raise SteeringError(f"a gate needs one mask, and {len(masks)} are set. Fix: set one mask, or gate=False.")
+        if own[0] is None:
+            raise SteeringError("this mask has no gate. Fix: make one with `cna-local attribute` (it fits a gate by "
+                                "default), or steer every prompt (gate off).")
+        return own[0]
+
+    def set_gate(self, on: bool) -> None:
+        """Use the mask's gate (on) or steer every prompt (off); the rest of what is set stays."""
+        s = self._state
+        if s.off or not s.masks:
+            raise SteeringError("no mask is set: call set_mask(mask) first, then choose its gate")
+        gate = self._gate_for(s.masks, bool(on))
+        self._apply(SteeringState(s.masks, s.multipliers, s.layers, s.neurons, s.scales, s.schedule, gate), checked=True)
 
     def set_multipliers(self, multipliers: Sequence[float | None]) -> None:
         """New strengths for the masks that are set, one per mask, in their order."""
         if not self._state.masks:
             raise SteeringError("no mask is set: call set_mask(mask) or set_masks([...]) first")
-        self.set_masks(self._state.masks, multipliers, self._state.schedule)
+        self.set_masks(self._state.masks, multipliers, self._state.schedule, self._state.gate is not None)
 
     def set_schedule(self, schedule: str) -> None:
         """Apply what is set on the positions of another schedule (cna_local.schedules)."""
@@ -277,7 +312,7 @@ class NeuronSteering:
         if self._state.off:
             raise SteeringError("no mask is set: call set_mask(mask) first, then choose its schedule")
         s = self._state
-        self._apply(SteeringState(s.masks, s.multipliers, s.layers, s.neurons, s.scales, schedule), checked=True)
+        self._apply(SteeringState(s.masks, s.multipliers, s.layers, s.neurons, s.scales, schedule, s.gate), checked=True)
 
     def set_entries(self, layers, neurons, scales) -> None:
         """Scale neuron `neurons[i]` of layer `layers[i]` by `scales[i]`; replaces what is set."""

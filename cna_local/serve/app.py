@@ -103,7 +103,7 @@ def create_app(llm, registry: MaskRegistry, *, model_alias: str, api_key: str | 
         raw = await read_json(request)
         if not isinstance(raw, dict):
             raise RequestError(f"the request body must be a JSON object, got {type(raw).__name__}.", "body")
-        multipliers = registry.for_request(raw.pop("neuron_masks", None))
+        multipliers, gates = registry.for_request(raw.pop("neuron_masks", None), raw.pop("gate", None))
         try:
             body = model_cls(**raw)
         except ValidationError as exc:
@@ -122,7 +122,7 @@ def create_app(llm, registry: MaskRegistry, *, model_alias: str, api_key: str | 
         kwargs["model"] = body.model or model_alias  # what the response names: the id /v1/models lists
         _prepare(llm, body, kwargs)
         stream = bool(kwargs.pop("stream", False))
-        job = Job(method, kwargs, multipliers)
+        job = Job(method, kwargs, multipliers, gates)
         if not stream:
             try:
                 return await worker.run(job)

@@ -1,5 +1,7 @@
 """The server's masks: numbered in the order given, each with a server-wide multiplier that a request may
-override for itself (the shape of llama-server's `--lora` / `"lora": [{"id", "scale"}]`).
+override for itself (the shape of llama-server's `--lora` / `"lora": [{"id", "scale"}]`), and, beside the
+multiplier, whether the mask's gate decides which prompts are steered (`"gate": true|false`; a gate needs
+the server to serve one mask; on by default when that mask has one).
 
 Everything a client sends about masks is checked here; a bad value raises `RequestError` naming the field
 and the fix, which the app answers with HTTP 400.
@@ -43,6 +45,8 @@ class MaskRegistry:
         self.slots = list(slots)
         self._lock = threading.Lock()
         self._multipliers = [float(s.mask.multiplier) for s in self.slots]
+        # a gate reads one mask's neurons: with several masks composed, every prompt is steered
+        self._gates = [len(self.slots) == 1 and s.mask.gate is not None for s in self.slots]
 
     @classmethod
     def load(cls, paths: Sequence[str | Path]) -> "MaskRegistry":
@@ -61,44 +65,66 @@ class MaskRegistry:
         with self._lock:
             return list(self._multipliers)
 
+    def gates(self) -> list[bool]:
+        with self._lock:
+            return list(self._gates)
+
     def describe(self) -> list[dict]:
-        """GET /neuron-masks: [{"id", "path", "name", "neurons", "multiplier", "default_multiplier", "schedule"}]"""
-        current = self.multipliers()
+        """GET /neuron-masks: [{"id", "path", "name", "neurons", "multiplier", "default_multiplier", "schedule",
+        "gate", "has_gate"}]"""
+        current, gates = self.multipliers(), self.gates()
         return [{"id": s.id, "path": s.path, "name": s.name, "neurons": len(s.mask), "multiplier": current[s.id],
-                 "default_multiplier": float(s.mask.multiplier), "schedule": s.mask.schedule} for s in self.slots]
+                 "default_multiplier": float(s.mask.multiplier), "schedule": s.mask.schedule, "gate": gates[s.id],
+                 "has_gate": s.mask.gate is not None} for s in self.slots]
 
     def set_server_wide(self, body: Any) -> None:
-        """POST /neuron-masks: [{"id": 0, "multiplier": 0}, ...] changes the multipliers of those masks."""
+        """POST /neuron-masks: [{"id": 0, "multiplier": 0, "gate": true}, ...] changes those masks' settings."""
         settings = self.parse(body, field="body")
         with self._lock:
-            for mask_id, value in settings.items():
-                self._multipliers[mask_id] = value
+            for mask_id, (value, gate) in settings.items():
+                if value is not None:
+                    self._multipliers[mask_id] = value
+                if gate is not None:
+                    self._gates[mask_id] = gate
 
-    def for_request(self, body: Any) -> list[float]:
-        """The multiplier of every mask for one request: its own where it lists the mask, else the server's."""
-        values = self.multipliers()
+    def for_request(self, body: Any, gate: Any = None) -> tuple[list[float], list[bool]]:
+        """The multiplier and gate of every mask for one request: its own where it lists the mask, else the
+        server's. gate: the request's top-level "gate", short for a "gate" entry of the one mask served."""
+        values, gates = self.multipliers(), self.gates()
+        if gate is not None:
+            if not self.slots:
+                raise RequestError("gate: this server has no mask to gate (start it with --mask FILE).", "gate")
+            if len(self.slots) > 1 and gate:
+                raise RequestError(f"gate: a gate reads one mask's neurons, and this server composes {len(self.slots)} "
+                                   "masks; give \"gate\" per mask in neuron_masks, or serve the mask alone.", "gate")
+            self.parse([{"id": 0, "gate": gate}], field="gate")  # the same checks, named after the field
+            gates = [bool(gate)] * len(self.slots)
         if body is not None:
-            for mask_id, value in self.parse(body, field="neuron_masks").items():
-                values[mask_id] = value
-        return values
+            for mask_id, (value, gate) in self.parse(body, field="neuron_masks").items():
+                if value is not None:
+                    values[mask_id] = value
+                if gate is not None:
+                    gates[mask_id] = gate
+        return values, gates
 
-    def parse(self, body: Any, field: str) -> dict[int, float]:
-        """Check a list of {"id": int, "multiplier": number}; raise RequestError naming the bad part."""
+    def parse(self, body: Any, field: str) -> dict[int, tuple[float | None, bool | None]]:
+        """Check a list of {"id": int, "multiplier": number, "gate": bool} (multiplier or gate may be left out);
+        raise RequestError naming the bad part."""
         example = '[{"id": 0, "multiplier": -1.5}]'
         if not isinstance(body, list):
             raise RequestError(f"{field} must be a list such as {example}, got {type(body).__name__}.", field)
-        out: dict[int, float] = {}
+        out: dict[int, tuple[float | None, bool | None]] = {}
         for i, item in enumerate(body):
             where = f"{field}[{i}]"
             if not isinstance(item, dict):
                 raise RequestError(f"{where} must be an object such as {{\"id\": 0, \"multiplier\": -1.5}}, got {item!r}.", where)
-            unknown = set(item) - {"id", "multiplier"}
+            shape = "each entry is {\"id\": <mask id>, \"multiplier\": <number>, \"gate\": true|false (optional)}"
+            unknown = set(item) - {"id", "multiplier", "gate"}
             if unknown:
-                raise RequestError(f"{where} has unknown field(s) {', '.join(sorted(map(str, unknown)))}; "
-                                   "each entry is {\"id\": <mask id>, \"multiplier\": <number>}.", where)
-            if "id" not in item or "multiplier" not in item:
+                raise RequestError(f"{where} has unknown field(s) {', '.join(sorted(map(str, unknown)))}; {shape}.", where)
+            if "id" not in item or ("multiplier" not in item and "gate" not in item):
                 missing = "id" if "id" not in item else "multiplier"
-                raise RequestError(f"{where} has no \"{missing}\"; each entry is {{\"id\": <mask id>, \"multiplier\": <number>}}.", f"{where}.{missing}")
+                raise RequestError(f"{where} has no \"{missing}\"; {shape}.", f"{where}.{missing}")
             mask_id = item["id"]
             if isinstance(mask_id, bool) or not isinstance(mask_id, int):
                 raise RequestError(f"{where}.id must be an integer mask id, got {mask_id!r}. {self._ids_hint()}", f"{where}.id")
@@ -106,13 +132,26 @@ class MaskRegistry:
                 raise RequestError(f"{where}.id: there is no mask {mask_id}. {self._ids_hint()}", f"{where}.id")
             if mask_id in out:
                 raise RequestError(f"{where}.id: mask {mask_id} is listed twice; give each mask once.", f"{where}.id")
-            value = item["multiplier"]
-            if isinstance(value, str):  # JSON text is not a number, even "1.5"
-                raise RequestError(f"{where}.multiplier must be a JSON number, got the string {value!r}.", f"{where}.multiplier")
-            try:
-                out[mask_id] = check_multiplier(value, what=f"{where}.multiplier")
-            except MultiplierError as exc:
-                raise RequestError(str(exc), f"{where}.multiplier") from None
+            gate = item.get("gate")
+            if "gate" in item:
+                if not isinstance(gate, bool):
+                    raise RequestError(f"{where}.gate must be true or false, got {gate!r}.", f"{where}.gate")
+                if gate and self.slots[mask_id].mask.gate is None:
+                    raise RequestError(f"{where}.gate: mask {mask_id} has no gate (make one with `cna-local attribute`); "
+                                       "send \"gate\": false or leave it out.", f"{where}.gate")
+                if gate and len(self.slots) > 1:
+                    raise RequestError(f"{where}.gate: a gate reads one mask's neurons, and this server composes "
+                                       f"{len(self.slots)} masks. Serve the mask alone to gate it.", f"{where}.gate")
+            value = None
+            if "multiplier" in item:
+                value = item["multiplier"]
+                if isinstance(value, str):  # JSON text is not a number, even "1.5"
+                    raise RequestError(f"{where}.multiplier must be a JSON number, got the string {value!r}.", f"{where}.multiplier")
+                try:
+                    value = check_multiplier(value, what=f"{where}.multiplier")
+                except MultiplierError as exc:
+                    raise RequestError(str(exc), f"{where}.multiplier") from None
+            out[mask_id] = (value, gate)
         return out
 
     def _ids_hint(self) -> str:
@@ -122,6 +161,7 @@ class MaskRegistry:
         return f"This server has mask id{'s' if len(self.slots) > 1 else ''} {ids} (GET /neuron-masks lists them)."
 
 
-def echo(values: Sequence[float]) -> list[dict]:
-    """What a response says it ran with: [{"id": 0, "multiplier": -1.5}, ...]."""
-    return [{"id": i, "multiplier": v} for i, v in enumerate(values)]
+def echo(values: Sequence[float], gates: Sequence[bool] | None = None) -> list[dict]:
+    """What a response says it ran with: [{"id": 0, "multiplier": -1.5, "gate": false}, ...]."""
+    gates = [False] * len(values) if gates is None else gates
+    return [{"id": i, "multiplier": v, "gate": bool(g)} for i, (v, g) in enumerate(zip(values, gates))]

@@ -44,6 +44,7 @@ class Job:
     method: str  # "create_chat_completion" or "create_completion"
     kwargs: dict
     multipliers: list[float]
+    gates: list[bool] = field(default_factory=list)  # per mask: its gate decides (a gate needs one mask)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -59,13 +60,16 @@ class ModelWorker:
 
     # -- on the worker thread
 
-    def _steer(self, multipliers: list[float]) -> None:
+    def _steer(self, job: Job) -> None:
         masks = self.registry.masks()
-        if masks:
-            self.llm.steering.set_masks(masks, multipliers)  # a no-op when it is already what is set
+        if masks:  # a no-op when it is already what is set
+            self.llm.steering.set_masks(masks, job.multipliers, gate=any(job.gates))
+        self.llm.last_gate = None
 
     def _extras(self, job: Job, timings: dict) -> dict:
-        return {"neuron_masks": echo(job.multipliers), "timings": timings}
+        # what the gate decided for this prompt (null where no gate was in use)
+        decided = self.llm.last_gate.as_dict() if any(job.gates) and self.llm.last_gate is not None else None
+        return {"neuron_masks": echo(job.multipliers, job.gates), "gate": decided, "timings": timings}
 
     def _timed(self, job: Job, call: Callable[[], Any]) -> tuple[Any, Callable[[], dict]]:
         started = time.perf_counter()
@@ -82,7 +86,7 @@ class ModelWorker:
             }
 
         self.history.append((job.method, list(job.multipliers)))
-        self._steer(job.multipliers)
+        self._steer(job)
         return call(), timings
 
     def _run(self, job: Job) -> dict:
@@ -98,7 +102,7 @@ class ModelWorker:
                 if job.cancelled.is_set():
                     break
                 if previous is not None:
-                    push(plain({**previous, "neuron_masks": echo(job.multipliers)}))
+                    push(plain({**previous, "neuron_masks": echo(job.multipliers, job.gates)}))
                 previous = chunk
             if previous is not None and not job.cancelled.is_set():
                 push(plain({**previous, **self._extras(job, timings())}))  # the last chunk carries the timings

@@ -1,0 +1,178 @@
+"""The gate: a detector on the mask's own neurons that says, per prompt, whether to steer it.
+
+The neurons a mask names were chosen because, at the last prompt token, they separate the positive
+prompts from the negative ones. The gate turns that into a decision: a linear score over those neurons'
+unsteered values at the prompt's last token,
+
+    score = sum_i w_i * x_i        fires when score >= threshold,
+
+with w the difference of the class means, each neuron divided by its pooled variance (a diagonal linear
+discriminant: a neuron that varies a lot within each set counts less; `METHODS`). The threshold is set for
+a stated false-positive rate on the negative set, from out-of-fold scores: the prompts are split into
+`folds` parts and each part is scored by a gate fitted on the others, so the threshold is not chosen on
+scores a gate saw while fitting (the neurons themselves were chosen on all the prompts, which the
+held-out evaluation, not this, measures). A prompt whose gate stays closed runs unsteered, exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import CnaLocalError
+
+METHODS = ("lda", "mean_diff")
+"""lda: (mean_pos - mean_neg) / pooled variance per neuron (the default); mean_diff: mean_pos - mean_neg."""
+DEFAULT_METHOD = "lda"
+DEFAULT_FPR = 0.05
+DEFAULT_FOLDS = 5
+
+
+class GateError(CnaLocalError):
+    """A gate cannot be fitted or applied."""
+
+
+@dataclass(frozen=True, eq=False)
+class Gate:
+    """weights: float32 [N], one per mask entry in the mask's (layer, neuron) order."""
+
+    weights: np.ndarray
+    threshold: float
+    info: dict = field(default_factory=dict)  # method, fpr target, out-of-fold rates, n prompts ...
+
+    def __post_init__(self):
+        object.__setattr__(self, "weights", np.asarray(self.weights, np.float32).reshape(-1))
+        check_gate(self.weights, self.threshold, "this gate")
+
+    def score(self, values: np.ndarray) -> np.ndarray:
+        """Scores of values [..., N] (the mask's neurons at a prompt's last token), float64."""
+        values = np.asarray(values, np.float64)
+        if values.shape[-1] != len(self.weights):
+            raise GateError(f"the gate weighs {len(self.weights)} neurons but got values for {values.shape[-1]}.")
+        return values @ self.weights.astype(np.float64)
+
+    def fires(self, values: np.ndarray) -> np.ndarray | bool:
+        s = self.score(values)
+        return bool(s >= self.threshold) if np.ndim(s) == 0 else s >= self.threshold
+
+    @classmethod
+    def always(cls, n: int) -> "Gate":
+        """A gate that fires on every prompt (score 0 >= threshold 0): the static mask."""
+        return cls(np.zeros(n, np.float32), 0.0, {"method": "always"})
+
+    @classmethod
+    def never(cls, n: int) -> "Gate":
+        """A gate that never fires (score 0 < threshold 1): the unsteered model."""
+        return cls(np.zeros(n, np.float32), 1.0, {"method": "never"})
+
+
+def check_gate(weights: np.ndarray, threshold, source: str) -> None:
+    """Raise GateError naming the problem when gate data cannot be a gate."""
+    if weights.ndim != 1 or len(weights) == 0:
+        raise GateError(f"{source} has no gate weights (shape {list(weights.shape)}).")
+    if not np.isfinite(weights).all():
+        i = int(np.flatnonzero(~np.isfinite(weights))[0])
+        raise GateError(f"{source}: gate weight {i} is {weights[i]}; gate weights must be finite numbers.")
+    if not isinstance(threshold, (int, float, np.floating, np.integer)) or not math.isfinite(float(threshold)):
+        raise GateError(f"{source}: the gate threshold is {threshold!r}, not a finite number.")
+
+
+def direction(pos: np.ndarray, neg: np.ndarray, method: str = DEFAULT_METHOD) -> np.ndarray:
+    """Gate weights from positive [n_pos, N] and negative [n_neg, N] values."""
+    if method not in METHODS:
+        raise GateError(f"unknown gate method {method!r}; choose one of {', '.join(METHODS)}.")
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    diff = pos.mean(0) - neg.mean(0)
+    if method == "mean_diff":
+        return diff
+    dof = max(len(pos) + len(neg) - 2, 1)
+    pooled = (((pos - pos.mean(0)) ** 2).sum(0) + ((neg - neg.mean(0)) ** 2).sum(0)) / dof
+    # a floor at a tenth of the typical variance: a neuron nearly constant on so few prompts would
+    # otherwise get a weight out of all proportion to how well it separates unseen ones
+    floor = 0.1 * float(np.mean(pooled)) + 1e-12
+    return diff / np.maximum(pooled, floor)
+
+
+def fold_ids(n_pos: int, n_neg: int, folds: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each prompt's fold, stratified: every fold holds about the same share of each set."""
+    rng = np.random.default_rng(seed)
+    return rng.permutation(n_pos) % folds, rng.permutation(n_neg) % folds
+
+
+def out_of_fold_scores(pos: np.ndarray, neg: np.ndarray, method: str, folds: int, seed: int = 0):
+    """Each prompt scored by a gate fitted without it (stratified folds); (pos scores, neg scores)."""
+    fold_pos, fold_neg = fold_ids(len(pos), len(neg), folds, seed)
+    s_pos, s_neg = np.zeros(len(pos)), np.zeros(len(neg))
+    for f in range(folds):
+        w = direction(pos[fold_pos != f], neg[fold_neg != f], method)
+        s_pos[fold_pos == f] = pos[fold_pos == f] @ w
+        s_neg[fold_neg == f] = neg[fold_neg == f] @ w
+    return s_pos, s_neg
+
+
+def auc(s_pos: np.ndarray, s_neg: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties counting half."""
+    greater = (s_pos[:, None] > s_neg[None, :]).mean()
+    ties = (s_pos[:, None] == s_neg[None, :]).mean()
+    return float(greater + 0.5 * ties)
+
+
+def choose_threshold(s_pos: np.ndarray, s_neg: np.ndarray, fpr: float) -> float:
+    """Of the thresholds midway between consecutive scores, those that let at most `fpr` of the negatives
+    through; of those, the one that lets the most positives through, then the fewest negatives, then the
+    one in the widest gap (the margin an unseen prompt gets)."""
+    scores = np.unique(np.concatenate([s_pos, s_neg]))
+    if len(scores) < 2:
+        return float(scores[0]) + 1.0
+    cuts = (scores[:-1] + scores[1:]) / 2
+    gaps = np.diff(scores)
+    tpr = (s_pos[None, :] >= cuts[:, None]).mean(1)
+    fp = (s_neg[None, :] >= cuts[:, None]).mean(1)
+    ok = fp <= fpr + 1e-12
+    if not ok.any():  # only above every score: nothing fires on these prompts
+        return float(scores[-1]) + float(gaps.max())
+    best = np.lexsort((-gaps[ok], fp[ok], -tpr[ok]))[0]
+    return float(cuts[ok][best])
+
+
+def fit_gate(pos: np.ndarray, neg: np.ndarray, fpr: float = DEFAULT_FPR, method: str = DEFAULT_METHOD,
+             folds: int = DEFAULT_FOLDS, seed: int = 0) -> Gate:
+    """A gate on values [n, N] of the mask's neurons at the last prompt token of each positive and negative
+    prompt; its threshold lets through at most `fpr` of the negative prompts' out-of-fold scores."""
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    if pos.ndim != 2 or neg.ndim != 2 or pos.shape[1] != neg.shape[1]:
+        raise GateError(f"gate values must be [prompts, neurons] for both sets; got {list(pos.shape)} and {list(neg.shape)}.")
+    if not 0.0 <= fpr < 1.0:
+        raise GateError(f"the gate's false-positive rate must be in [0, 1), got {fpr}.")
+    folds = int(folds)
+    if folds < 2 or min(len(pos), len(neg)) < folds:
+        raise GateError(f"fitting a gate with {folds} folds needs at least {max(folds, 2)} prompts in each set; "
+                        f"got {len(pos)} positive and {len(neg)} negative. Fix: give more prompts, or --no-gate.")
+    s_pos, s_neg = out_of_fold_scores(pos, neg, method, folds, seed)
+    threshold = choose_threshold(s_pos, s_neg, fpr)
+    w = direction(pos, neg, method)
+    fold_pos, fold_neg = fold_ids(len(pos), len(neg), folds, seed)
+    cos = []
+    for f in range(folds):  # how much the direction moves when a fold is left out
+        wf = direction(pos[fold_pos != f], neg[fold_neg != f], method)
+        cos.append(float(wf @ w / (np.linalg.norm(wf) * np.linalg.norm(w) + 1e-30)))
+    tpr_oof = float((s_pos >= threshold).mean())
+    fpr_oof = float((s_neg >= threshold).mean())
+    info = {
+        "method": method, "fpr_target": fpr, "folds": folds, "seed": seed,
+        "n_positive": len(pos), "n_negative": len(neg), "n_neurons": int(pos.shape[1]),
+        "out_of_fold": {"tpr": round(tpr_oof, 4), "fpr": round(fpr_oof, 4), "auc": round(auc(s_pos, s_neg), 4)},
+        "in_sample": {"tpr": round(float(((pos @ w) >= threshold).mean()), 4),
+                      "fpr": round(float(((neg @ w) >= threshold).mean()), 4)},
+        "fold_cosine_min": round(min(cos), 4),
+    }
+    return Gate(w.astype(np.float32), float(threshold), info)
+
+
+def gate_values(rows: np.ndarray, layers: np.ndarray, neurons: np.ndarray, n_ff: int) -> np.ndarray:
+    """The mask's neurons out of captured rows [..., n_layer * n_ff] (or [..., n_layer, n_ff])."""
+    rows = np.asarray(rows)
+    flat = rows.reshape(*rows.shape[:-2], -1) if rows.ndim >= 2 and rows.shape[-1] == n_ff and rows.ndim > 2 else rows
+    return flat[..., np.asarray(layers, np.int64) * n_ff + np.asarray(neurons, np.int64)]

@@ -1,0 +1,143 @@
+"""The gate: fitted on the mask's neurons to a stated false-positive rate, stored in the mask file as format
+version 3, and refused with a clear error where its data is bad."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from cna_local.gate import Gate, GateError, auc, choose_threshold, fit_gate
+from cna_local.maskfile import FORMAT_VERSION, KEY_PREFIX, MaskFileError, read_mask, tensor_name
+
+from test_maskfile import good_kv, good_tensors, make_mask, write_gguf
+
+
+def separable(shift: float, n_pos=120, n_neg=100, n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(shift, 1.0, (n_pos, n)), rng.normal(0.0, 1.0, (n_neg, n))
+
+
+# -- fitting
+
+def test_the_threshold_keeps_the_out_of_fold_false_positive_rate_within_the_target():
+    pos, neg = separable(0.15)  # overlapping sets: the rate binds
+    for fpr in (0.0, 0.05, 0.2):
+        gate = fit_gate(pos, neg, fpr=fpr)
+        assert gate.info["out_of_fold"]["fpr"] <= fpr + 1e-9
+        assert gate.info["fpr_target"] == fpr
+    loose, tight = fit_gate(pos, neg, fpr=0.2), fit_gate(pos, neg, fpr=0.0)
+    assert loose.info["out_of_fold"]["tpr"] >= tight.info["out_of_fold"]["tpr"]
+
+
+def test_on_unseen_prompts_the_false_positive_rate_is_near_the_target():
+    pos, neg = separable(0.2, seed=1)
+    gate = fit_gate(pos, neg, fpr=0.1)
+    new_pos, new_neg = separable(0.2, n_pos=2000, n_neg=2000, seed=2)
+    assert gate.fires(new_neg).mean() < 0.1 + 0.06  # the out-of-fold threshold does not overfit the negatives
+    assert gate.fires(new_pos).mean() > gate.fires(new_neg).mean() + 0.2
+
+
+def test_well_separated_sets_get_a_threshold_in_the_gap():
+    pos, neg = separable(2.0)
+    gate = fit_gate(pos, neg, fpr=0.05)
+    assert gate.fires(pos).all() and not gate.fires(neg).any()
+    assert gate.info["out_of_fold"]["auc"] == 1.0
+
+
+def test_choose_threshold_prefers_positives_then_fewer_negatives_then_the_widest_gap():
+    s_pos, s_neg = np.array([5.0, 6.0, 9.0]), np.array([0.0, 1.0, 2.0])
+    assert choose_threshold(s_pos, s_neg, 0.0) == pytest.approx(3.5)  # every positive, no negative, mid-gap
+    assert choose_threshold(np.array([1.5]), s_neg, 0.34) == pytest.approx(1.25)  # one negative allowed
+
+
+def test_auc_counts_ties_as_half():
+    assert auc(np.array([1.0, 2.0]), np.array([0.0, 2.0])) == pytest.approx(0.625)
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(fpr=1.0), "false-positive rate"),
+    (dict(folds=1), "folds"),
+    (dict(method="svm"), "unknown gate method"),
+])
+def test_bad_fit_arguments_are_named(args, message):
+    pos, neg = separable(1.0)
+    with pytest.raises(GateError, match=message):
+        fit_gate(pos, neg, **args)
+
+
+def test_too_few_prompts_for_the_folds():
+    with pytest.raises(GateError, match="needs at least 5 prompts in each set"):
+        fit_gate(np.ones((3, 4)), np.zeros((10, 4)))
+
+
+def test_always_and_never():
+    x = np.random.default_rng(0).normal(size=(7, 3))
+    assert Gate.always(3).fires(x).all()
+    assert not Gate.never(3).fires(x).any()
+
+
+# -- the file
+
+def gated(**overrides):
+    mask = make_mask(**overrides)
+    return dataclasses.replace(mask, gate=Gate(np.array([0.5, -1.0, 2.0, 0.25]), 0.75, {"method": "lda", "fpr_target": 0.05}))
+
+
+def test_a_gated_mask_is_version_3_and_round_trips(tmp_path):
+    assert FORMAT_VERSION == 3
+    mask = gated()
+    path = mask.save(tmp_path / "g.gguf")
+    back = read_mask(path)
+    assert back.meta["version"] == 3
+    np.testing.assert_array_equal(back.gate.weights, mask.gate.weights)
+    assert back.gate.threshold == pytest.approx(0.75)
+    assert back.gate.info["method"] == "lda"
+    # the gate's weights stay with their neurons (entries are sorted by layer, then neuron)
+    pairs = dict(zip(zip(mask.layers.tolist(), mask.neurons.tolist()), mask.gate.weights.tolist()))
+    assert dict(zip(zip(back.layers.tolist(), back.neurons.tolist()), back.gate.weights.tolist())) == pairs
+
+
+def test_weights_follow_their_neurons_when_the_entries_are_sorted():
+    mask = make_mask(layers=[2, 0], neurons=[5, 9], scores=[1.0, 1.0], gate=Gate(np.array([7.0, 3.0]), 0.0))
+    assert mask.layers.tolist() == [0, 2] and mask.gate.weights.tolist() == [3.0, 7.0]
+
+
+def test_a_mask_without_a_gate_keeps_the_older_versions(tmp_path):
+    assert read_mask(make_mask().save(tmp_path / "plain.gguf")).meta["version"] == 1
+    assert read_mask(make_mask().save(tmp_path / "plain.gguf")).gate is None
+
+
+def test_an_older_reader_refuses_a_gated_mask_by_name(tmp_path, monkeypatch):
+    import cna_local.maskfile as maskfile
+
+    path = gated().save(tmp_path / "g.gguf")
+    monkeypatch.setattr(maskfile, "FORMAT_VERSION", 2)  # the reader of cna-local before gates
+    with pytest.raises(MaskFileError, match="version 3 mask; this cna-local reads up to version 2.*upgrade"):
+        read_mask(path)
+
+
+def gate_tensor(values, layer=0):
+    return {tensor_name(layer, "gate"): np.array(values, np.float32)}
+
+
+V3 = {KEY_PREFIX + "version": 3, KEY_PREFIX + "gate_threshold": 0.5, KEY_PREFIX + "gate": '{"method": "lda"}'}
+
+
+@pytest.mark.parametrize("kv, tensors, message", [
+    (V3, gate_tensor([1.0, float("nan")]), "gate is damaged: gate weight 1 is nan"),
+    ({**V3, KEY_PREFIX + "gate_threshold": float("inf")}, gate_tensor([1.0, 2.0]), "threshold is inf"),
+    ({**V3, KEY_PREFIX + "gate_threshold": None}, gate_tensor([1.0, 2.0]), "no gate_threshold entry"),
+    (V3, {}, "version 3 \\(gated\\) mask with no neuron_gate tensors"),
+    ({**V3, KEY_PREFIX + "version": 2}, gate_tensor([1.0, 2.0]), "version 2 mask with gate entries"),
+    (V3, gate_tensor([1.0, 2.0, 3.0]), "tensors of layer 0 differ in length"),
+    ({**V3, KEY_PREFIX + "gate": "[1]"}, gate_tensor([1.0, 2.0]), "gate entry is list JSON"),
+    (V3, {**gate_tensor([1.0, 2.0]), **good_tensors(layer=1), tensor_name(1, "idx"): np.array([1, 5], np.int32)},
+     "some layers have neuron_gate tensors and others do not"),
+])
+def test_bad_gate_data_is_a_clear_error(tmp_path, kv, tensors, message):
+    n = 4 if any(".1." in t for t in tensors) else 2
+    path = write_gguf(tmp_path / "bad.gguf", good_kv(**{**kv, KEY_PREFIX + "n_neurons": n}), {**good_tensors(), **tensors})
+    with pytest.raises(MaskFileError, match=message):
+        read_mask(path)
