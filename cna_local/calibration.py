@@ -143,3 +143,149 @@ def calibrate(model_path: str | Path, mask, prompts: Sequence[str], *, schedule:
     if math.isclose(chosen, lowest):
         record["note"] = f"the strongest candidate ({lowest:g}) still passes; stronger ones were not tried"
     return Calibration(chosen, best["quality"], best["kl"], record["tried"], record)
+
+
+# -- with a gate: benign prompts are mostly left alone, so the strength is bounded by the coherence of the
+# steered replies to the prompts the gate fires on, and by the benign prompts it fires on by mistake
+
+GATED_MIN_QUALITY = 0.99
+GATED_MAX_KL = 0.02
+GATED_MAX_DEGENERATE = 0.1
+FLUENCY_SLACK = 1.5
+GATED_LOWEST = -6.0
+
+
+def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful: Sequence[str], *,
+                    schedule: str | None = None, min_quality: float = GATED_MIN_QUALITY, max_kl: float = GATED_MAX_KL,
+                    max_degenerate: float = GATED_MAX_DEGENERATE, fluency_slack: float = FLUENCY_SLACK,
+                    lowest: float = GATED_LOWEST, step: float = STEP, reply_tokens: int = REPLY_TOKENS,
+                    batch_size: int = 8, n_threads: int = 2, n_ctx: int = 1024, chat_template: bool = True,
+                    progress: Callable[[str], None] | None = None, prompt_source: str = "") -> Calibration:
+    """The default multiplier of a gated mask: the strongest on the grid (1 - step k, down to `lowest`) where
+      * on the `benign` calibration prompts, served through the gate (unsteered where it stays closed), the
+        mean likelihood quality is >= min_quality and the mean first-token KL <= max_kl, and
+      * on the `harmful` prompts the gate fires on, the steered greedy replies stay text: at most
+        `max_degenerate` of them degenerate, and their mean per-token NLL under the unsteered model after a
+        neutral instruction at most `fluency_slack` times that of the unsteered model's own replies to the
+        benign prompts (what its ordinary answers read like).
+    """
+    from .evaluation import quality as Q
+    from .evaluation.engine import Engine
+    from .evaluation.schedule import NEUTRAL_INSTRUCTION
+    from .runtime import SteeredLlama
+    from .schedules import steered_in
+
+    if mask.gate is None:
+        raise CalibrationError("calibrate_gated needs a mask with a gate.")
+    if not benign or not harmful:
+        raise CalibrationError("gated calibration needs benign and harmful prompts. Fix: pass --multiplier.")
+    schedule = schedule or getattr(mask, "schedule", "all")
+    say = progress or (lambda msg: None)
+    started = time.perf_counter()
+    llm = SteeredLlama(str(model_path), n_ctx=n_ctx * batch_size, n_seq_max=batch_size, n_threads=n_threads,
+                       n_threads_batch=n_threads)
+    n_ff = mask.n_ff
+    where = mask.layers.astype(np.int64) * n_ff + mask.neurons
+    engine = None
+    try:
+        llm.set_mask(mask, 1.0, "all", gate=False)  # checks that the mask belongs to the model before any work
+        llm.steering.clear()
+        engine = Engine(llm, chat_template=chat_template, batch_size=batch_size, schedule=schedule)
+        ids_b = [engine.encode(p) for p in benign]
+        ids_h = [engine.encode(p) for p in harmful]
+        if any(len(x) + reply_tokens > n_ctx for x in ids_b + ids_h):
+            raise CalibrationError(f"a calibration prompt does not fit in {n_ctx} tokens with its reply. Fix: shorten it.")
+
+        def fires(ids):
+            out = []
+            for i in range(0, len(ids), batch_size):
+                ps = engine.start(ids[i:i + batch_size], read_rows=True)
+                out += [bool(mask.gate.fires(p.row[where])) for p in ps]
+            return out
+
+        fired_b, fired_h = fires(ids_b), fires(ids_h)
+        neutral = engine.encode(NEUTRAL_INSTRUCTION)
+
+        def fluency(replies):
+            nll = []
+            for i in range(0, len(replies), batch_size):
+                chunk = replies[i:i + batch_size]
+                nll += engine.mean_nll(engine.start([neutral] * len(chunk)), chunk)
+            return [n for n in nll if n is not None]
+
+        b_idx = [i for i, f in enumerate(fired_b) if f]
+        h_idx = [i for i, f in enumerate(fired_h) if f]
+        refs, ref_nll, ref_lp = {}, {}, {}
+        replies_b = []
+        for i in range(0, len(ids_b), batch_size):  # unsteered benign replies: references and fluency scale
+            g = list(range(i, min(len(ids_b), i + batch_size)))
+            ps = engine.start([ids_b[k] for k in g])
+            out = engine.greedy(ps, reply_tokens)
+            nll = engine.mean_nll(ps, out)
+            for k, p, o, n in zip(g, ps, out, nll):
+                refs[k], ref_nll[k], ref_lp[k] = o, n, p.logprobs
+            replies_b += out
+        reference_fluency = float(np.mean(fluency([r for r in replies_b if r])))
+        say(f"calibration (gated): the gate fires on {len(h_idx)} of {len(ids_h)} harmful and {len(b_idx)} of "
+            f"{len(ids_b)} benign calibration prompts; unsteered answers read at {reference_fluency:.2f} nats/token "
+            f"({time.perf_counter() - started:.0f} s)")
+        if not h_idx:
+            raise CalibrationError("the gate fires on none of the harmful calibration prompts, so no strength can be "
+                                   "calibrated. Fix: a higher --gate-fpr, or --multiplier.")
+        tried: dict[float, dict] = {}
+
+        def measure(m: float) -> dict:
+            t0 = time.perf_counter()
+            engine.phase = lambda name: llm.set_mask(mask, m if steered_in(schedule, name) else 1.0, "all", gate=False)
+            qs = [1.0] * (len(ids_b) - len(b_idx))  # closed: served unsteered, quality 1 and KL 0 exactly
+            kls = [0.0] * (len(ids_b) - len(b_idx))
+            for i in range(0, len(b_idx), batch_size):
+                g = b_idx[i:i + batch_size]
+                ps = engine.start([ids_b[k] for k in g])
+                nll = engine.mean_nll(ps, [refs[k] for k in g])
+                for k, p, n in zip(g, ps, nll):
+                    kls.append(Q.first_token_kl(ref_lp[k], p.logprobs))
+                    if n is not None:
+                        qs.append(Q.likelihood_quality(n, ref_nll[k]))
+            steered = []
+            for i in range(0, len(h_idx), batch_size):
+                g = h_idx[i:i + batch_size]
+                steered += engine.greedy(engine.start([ids_h[k] for k in g]), reply_tokens)
+            degenerate = float(np.mean([Q.is_degenerate(engine.text(t), t) for t in steered]))
+            engine.phase = lambda name: None
+            llm.steering.clear()
+            flu = fluency([t for t in steered if t])
+            row = {"multiplier": m, "quality": float(np.mean(qs)), "kl": float(np.mean(kls)), "degenerate": degenerate,
+                   "fluency_nll": float(np.mean(flu)) if flu else None, "seconds": round(time.perf_counter() - t0, 1)}
+            row["passes"] = (row["quality"] >= min_quality and row["kl"] <= max_kl and degenerate <= max_degenerate
+                             and row["fluency_nll"] is not None and row["fluency_nll"] <= fluency_slack * reference_fluency)
+            tried[m] = row
+            say(f"calibration (gated): multiplier {m:g}: benign quality {row['quality']:.3f}, KL {row['kl']:.3f}; "
+                f"harmful replies {degenerate:.0%} degenerate, {row['fluency_nll'] or float('nan'):.2f} nats/token "
+                f"-> {'ok' if row['passes'] else 'too strong'} ({row['seconds']:.0f} s)")
+            return row
+
+        candidates = grid(lowest, step)
+        chosen = strongest_passing(candidates, lambda m: measure(m)["passes"])
+    finally:
+        if engine is not None:
+            engine.close()
+        llm.close()
+    if chosen is None:
+        raise CalibrationError(f"even multiplier {candidates[0]:g} breaks the calibration bounds under the gate. Fix: pass "
+                               "--multiplier, or make a more selective mask.")
+    best = tried[chosen]
+    record = {
+        "rule": (f"gated: strongest multiplier with benign likelihood quality >= {min_quality:g} and first-token KL <= "
+                 f"{max_kl:g} through the gate, and on the harmful prompts the gate fires on at most {max_degenerate:.0%} "
+                 f"degenerate replies and a neutral-instruction NLL <= {fluency_slack:g} x the unsteered answers'"),
+        "chosen": chosen, "quality": round(best["quality"], 4), "kl": round(best["kl"], 4),
+        "degenerate": best["degenerate"], "fluency_nll": best["fluency_nll"], "reference_fluency_nll": reference_fluency,
+        "n_prompts": len(ids_b), "n_harmful": len(ids_h), "gate_fired_benign": len(b_idx), "gate_fired_harmful": len(h_idx),
+        "prompts": prompt_source, "reply_tokens": reply_tokens, "grid": f"1 - {step:g} k down to {lowest:g}, bisected",
+        "schedule": schedule, "tried": [tried[m] for m in sorted(tried, reverse=True)],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if math.isclose(chosen, lowest):
+        record["note"] = f"the strongest candidate ({lowest:g}) still passes; stronger ones were not tried"
+    return Calibration(chosen, best["quality"], best["kl"], record["tried"], record)

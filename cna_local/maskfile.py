@@ -21,6 +21,9 @@ Format v1 follows llama.cpp's adapter conventions (like LoRA GGUFs):
   adapter.neuron_mask.gate_threshold     f32  optional (version 3): the gate fires when the weighted sum of
                                               the mask's neurons at the prompt's last token is >= this
   adapter.neuron_mask.gate               str  with it: JSON of how the gate was fitted (cna_local.gate)
+  adapter.neuron_mask.static_multiplier  f32  optional (version 3): the default multiplier when the gate is
+                                              not used (every prompt steered); `multiplier` is then the
+                                              default through the gate
 
 A file whose schedule is "all" is written as version 1, so older readers still load it; one with
 another schedule is version 2, which older readers refuse by name instead of steering every position. A
@@ -86,6 +89,7 @@ class NeuronMask:
     meta: dict = field(default_factory=dict)  # name, prompts_sha256, selection (dict), tool_version, version, calibration
     schedule: str = "all"  # the default steering schedule (cna_local.schedules)
     gate: Gate | None = None  # steer only the prompts it fires on (cna_local.gate); weights in entry order
+    static_multiplier: float | None = None  # with a gate: the default when it is not used (None: `multiplier`)
 
     def __post_init__(self):
         self.layers = np.asarray(self.layers, np.int32)
@@ -103,6 +107,10 @@ class NeuronMask:
         if self.gate is not None and len(self.gate.weights) != len(self.layers):
             raise MaskFileError(f"the gate weighs {len(self.gate.weights)} neurons but the mask names {len(self.layers)}.")
         self.multiplier = check_multiplier(self.multiplier)
+        if self.static_multiplier is not None:
+            if self.gate is None:
+                raise MaskFileError("a static multiplier belongs to a gated mask; this mask has no gate.")
+            self.static_multiplier = check_multiplier(self.static_multiplier, what="the static multiplier")
         _validate_entries(self, source="this mask")
 
     def __len__(self) -> int:
@@ -123,6 +131,10 @@ class NeuronMask:
         if self.scales is None:
             return np.full(len(self.layers), m, np.float32)
         return (m + (1.0 - m) * self.scales.astype(np.float64)).astype(np.float32)
+
+    def default_multiplier(self, gated: bool) -> float:
+        """The mask's own strength through its gate (gated) or on every prompt."""
+        return self.multiplier if gated or self.static_multiplier is None else self.static_multiplier
 
     @property
     def version(self) -> int:
@@ -180,6 +192,8 @@ class NeuronMask:
         if self.gate is not None:
             writer.add_float32(KEY_PREFIX + "gate_threshold", float(self.gate.threshold))
             writer.add_string(KEY_PREFIX + "gate", json.dumps(self.gate.info, sort_keys=True))
+            if self.static_multiplier is not None:
+                writer.add_float32(KEY_PREFIX + "static_multiplier", float(self.static_multiplier))
         for layer in np.unique(self.layers):
             rows = self.layers == layer
             writer.add_tensor(tensor_name(int(layer), "idx"), self.neurons[rows].astype(np.int32))
@@ -354,6 +368,8 @@ def read_mask(path: str | Path) -> NeuronMask:
     calibration = json_object("calibration")
     gate_info = json_object("gate")
     has_threshold = reader.get_field(KEY_PREFIX + "gate_threshold") is not None
+    static_multiplier = (value(KEY_PREFIX + "static_multiplier", float)
+                         if reader.get_field(KEY_PREFIX + "static_multiplier") is not None else None)
 
     # Informational strings are optional: GGUFWriter silently skips empty strings.
     per_layer: dict[int, dict[str, np.ndarray]] = {}
@@ -380,7 +396,7 @@ def read_mask(path: str | Path) -> NeuronMask:
     if with_gate and with_gate != set(per_layer):
         raise MaskFileError(f"{path}: the gate is damaged: some layers have neuron_gate tensors and others do not; it must be "
                             "all layers or none. Fix: make the mask again with `cna-local attribute`, or load it with the gate off.")
-    if (with_gate or has_threshold or gate_info) and version < 3:
+    if (with_gate or has_threshold or gate_info or static_multiplier is not None) and version < 3:
         raise MaskFileError(f"{path} is a version {version} mask with gate entries, which only version 3 has; the file is damaged. "
                             "Fix: make it again with `cna-local attribute`.")
     if version >= 3 and not (with_gate and has_threshold):
@@ -443,6 +459,7 @@ def read_mask(path: str | Path) -> NeuronMask:
             meta=meta,
             schedule=schedule,
             gate=gate,
+            static_multiplier=static_multiplier,
         )
     except MaskFileError as exc:
         raise MaskFileError(str(exc).replace("this mask", str(path), 1)) from None

@@ -94,3 +94,26 @@ def test_multiplier_without_mask_and_bad_values_are_refused_before_loading(files
     assert result.exit_code == 1 and "does not exist" in result.output
     result = CliRunner().invoke(cli, ["chat", "--model", files["model"], "--mask", files["mask"], "--multiplier", "nan"])
     assert result.exit_code == 1 and "finite number" in result.output
+
+
+def test_a_gated_mask_steers_only_messages_its_gate_fires_on_and_gate_switches_it(files, tmp_path):
+    import dataclasses
+
+    from cna_local.gate import Gate
+    from cna_local.maskfile import NeuronMask
+
+    mask = NeuronMask.load(files["mask"])
+    never = dataclasses.replace(mask, gate=Gate.never(len(mask)))
+    never.save(tmp_path / "never.gguf")
+    gated = {**files, "mask": str(tmp_path / "never.gguf")}
+    result = run(gated, "Hello there\n/gate off\nHello there\n/gate\n/gate maybe\n")
+    assert result.exit_code == 0, result.output
+    closed, steered = replies(result.output)
+    history = [{"role": "user", "content": "Hello there"}]
+    assert closed == library(files, history, 1.0)  # the gate stayed closed: unsteered
+    assert "(gate closed: unsteered)" in result.output and "gated (only prompts the gate fires on)" in result.output
+    history += [{"role": "assistant", "content": closed}, {"role": "user", "content": "Hello there"}]
+    assert steered == library(files, history, 3.0)  # /gate off: every message steered
+    assert "gate: off. Usage: /gate on, /gate off" in result.output
+    plain = run(files, "/gate on\n")
+    assert "this mask has no gate" in plain.output

@@ -141,3 +141,24 @@ def test_bad_gate_data_is_a_clear_error(tmp_path, kv, tensors, message):
     path = write_gguf(tmp_path / "bad.gguf", good_kv(**{**kv, KEY_PREFIX + "n_neurons": n}), {**good_tensors(), **tensors})
     with pytest.raises(MaskFileError, match=message):
         read_mask(path)
+
+
+def test_a_gated_mask_keeps_a_static_default_for_when_the_gate_is_off(tmp_path):
+    mask = dataclasses.replace(gated(multiplier=-4.0), static_multiplier=-1.5)
+    back = read_mask(mask.save(tmp_path / "g.gguf"))
+    assert back.multiplier == -4.0 and back.static_multiplier == -1.5
+    assert back.default_multiplier(True) == -4.0 and back.default_multiplier(False) == -1.5
+    assert make_mask(multiplier=-2.0).default_multiplier(False) == -2.0
+    with pytest.raises(MaskFileError, match="belongs to a gated mask"):
+        make_mask(static_multiplier=-1.0)
+
+
+def test_the_inspect_command_shows_the_gate(tmp_path):
+    from click.testing import CliRunner
+
+    from cna_local.cli import cli
+
+    path = dataclasses.replace(gated(multiplier=-4.0), static_multiplier=-1.5).save(tmp_path / "g.gguf")
+    out = CliRunner().invoke(cli, ["inspect", str(path)]).output
+    assert "gate        lda on the mask's neurons, threshold 0.75" in out
+    assert "multiplier -4 through the gate, -1.5 on every prompt (gate off)" in out

@@ -140,3 +140,17 @@ def test_gate_errors_name_the_problem(llm, mask, model):
         llm.steering.set_masks([with_gate(mask, Gate.never(len(mask))), mask], gate=True)
     with pytest.raises(SteeringError, match="without a mask"):
         SteeredLlama(str(model), gate=True, **LLM)
+
+
+def test_the_mask_own_strength_follows_the_gate(llm, mask):
+    """A gated mask's default is for gated use; with the gate off its (weaker) static default applies."""
+    both = dataclasses.replace(with_gate(mask, Gate.never(len(mask))), multiplier=-4.0, static_multiplier=-1.0)
+    llm.set_mask(both)
+    assert llm.gate and llm.multiplier == -4.0
+    llm.gate = False
+    assert llm.multiplier == -1.0  # at its own strength: the static one
+    llm.multiplier = 2.0
+    llm.gate = True
+    assert llm.multiplier == 2.0  # a strength the user chose stays
+    llm.set_mask(both, gate=False)
+    assert llm.multiplier == -1.0

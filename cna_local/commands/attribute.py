@@ -221,6 +221,17 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
                                    prompt_source=f"the last {len(held_out)} of {negative} (not used for attribution)")
         mask.multiplier = cal.chosen
         mask.meta["calibration"] = cal.record
+        if mask.gate is not None:
+            # through the gate ordinary prompts are left alone: its own, stronger default (calibration.py)
+            from ..calibration import calibrate_gated
+
+            harmful = pos.prompts[-calibration_prompts:]
+            gcal = calibrate_gated(model_path, mask, held_out, harmful, schedule=schedule, chat_template=chat_template,
+                                   progress=(lambda m: click.echo(f"      {m}", err=True)) if progress else None,
+                                   prompt_source=f"benign: the last {len(held_out)} of {negative} (not used for attribution); "
+                                                 f"harmful: the last {len(harmful)} of {positive} (used for attribution)")
+            mask.static_multiplier, mask.multiplier = cal.chosen, gcal.chosen
+            mask.gate.info["calibration"] = gcal.record
         calibration_seconds = time.perf_counter() - t0
     write_atomic_with(out, mask.save)
     return {
@@ -235,6 +246,7 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
         "device": device if device_map is None else f"map:{device_map}",
         "n_neurons": len(mask),
         "multiplier": mask.multiplier,
+        "static_multiplier": mask.static_multiplier,
         "per_layer": {str(k): v for k, v in mask.per_layer_counts().items()},
         "selection": mask.meta["selection"],
         "schedule": mask.schedule,
@@ -263,6 +275,11 @@ def _print_summary(s: dict) -> None:
         oof = g["out_of_fold"]
         click.echo(f"  gate ({g['method']}, {g['n_neurons']} neurons): fires on {oof['tpr']:.0%} of positive and "
                    f"{oof['fpr']:.0%} of negative prompts, out of fold (target <= {g['fpr_target']:.0%}; AUC {oof['auc']:.3f})")
+        gcal = g.get("calibration")
+        if gcal:
+            click.echo(f"  multiplier {gcal['chosen']:g} through the gate ({len(gcal['tried'])} strengths tried: harmful replies "
+                       f"{gcal['degenerate']:.0%} degenerate, {gcal['fluency_nll']:.2f} nats/token against "
+                       f"{gcal['reference_fluency_nll']:.2f}); {s['static_multiplier']:g} on every prompt (--no-gate)")
     if sel.get("top_k_asked", s["n_neurons"]) > s["n_neurons"]:
         click.echo(f"  {s['n_neurons']} of the {sel['top_k_asked']} neurons asked for: only these have a positive "
                    "selective score (ablating any other is not expected to help)")

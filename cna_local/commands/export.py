@@ -67,7 +67,7 @@ def _export(mask_path, model_spec, fmt, out, m0, dtype, force) -> dict:
     from ..multipliers import check_multiplier
 
     mask = NeuronMask.load(mask_path)
-    m0 = check_multiplier(mask.multiplier if m0 is None else m0, what="--multiplier")
+    m0 = check_multiplier(mask.default_multiplier(False) if m0 is None else m0, what="--multiplier")
     model = resolve_model(model_spec)
     if model.is_dir():
         if fmt == "gguf-lora":

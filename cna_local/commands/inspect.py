@@ -23,6 +23,8 @@ def mask_report(mask, top: int) -> dict:
         "multiplier": mask.multiplier,
         "schedule": mask.schedule,
         "calibration": mask.meta.get("calibration"),
+        "gate": None if mask.gate is None else {"threshold": mask.gate.threshold, **mask.gate.info},
+        "static_multiplier": mask.static_multiplier,
         "per_neuron_scales": mask.scales is not None,
         "prompts_sha256": mask.meta.get("prompts_sha256", ""),
         "selection": mask.meta.get("selection", {}),
@@ -82,6 +84,15 @@ def inspect(mask_path: Path, as_json: bool, top: int) -> None:
     if cal:
         click.echo(f"  calibrated  {cal.get('rule', '')}: multiplier {cal.get('chosen')} on {cal.get('n_prompts')} "
                    f"calibration prompts (quality {cal.get('quality')}, KL {cal.get('kl')})")
+    g = report["gate"]
+    if g:
+        oof = g.get("out_of_fold") or {}
+        click.echo(f"  gate        {g.get('method')} on the mask's neurons, threshold {g['threshold']:.4g}: fired on "
+                   f"{oof.get('tpr', 0):.0%} of positive and {oof.get('fpr', 0):.0%} of negative prompts out of fold "
+                   f"(target <= {g.get('fpr_target', 0):.0%}); runtimes steer only prompts it fires on")
+        if report["static_multiplier"] is not None:
+            click.echo(f"              multiplier {report['multiplier']:g} through the gate, "
+                       f"{report['static_multiplier']:g} on every prompt (gate off)")
     if sel:
         for line in _selection_lines(sel):
             click.echo(f"  {line}")

@@ -60,9 +60,10 @@ PromptsLike = Union["PromptSet", Sequence[str], None]
 __all__ = ["EvalError", "default_multipliers", "evaluate", "evaluate_masks"]
 
 
-def default_multipliers(mask: "NeuronMask") -> list[float]:
-    """What to evaluate when nothing is asked: unsteered, ablated, and the mask's own strength."""
-    return check_multipliers([BASELINE, 0.0, mask.multiplier])
+def default_multipliers(mask: "NeuronMask", gated: bool | None = None) -> list[float]:
+    """What to evaluate when nothing is asked: unsteered, ablated, and the mask's own strength (through its
+    gate, or on every prompt; gated=None: through the gate when it has one)."""
+    return check_multipliers([BASELINE, 0.0, mask.default_multiplier(mask.gate is not None if gated is None else gated)])
 
 
 def _prompt_list(prompts: PromptsLike, default: str, what: str) -> tuple[str, list[str]]:
@@ -171,7 +172,6 @@ def evaluate_masks(
         raise EvalError(f"limit must be at least 1, got {limit}.")
     paths = [None if isinstance(m, NeuronMask) else str(m) for m in masks]
     masks = [m if isinstance(m, NeuronMask) else NeuronMask.load(m) for m in masks]
-    values = [default_multipliers(m) if v is None else v for m, v in zip(masks, asked)]
     asked_gates = [None] * len(masks) if gates is None else list(gates)
     if len(asked_gates) != len(masks):
         raise EvalError(f"{len(masks)} masks but {len(asked_gates)} gate settings: give one per mask (or none).")
@@ -181,6 +181,7 @@ def evaluate_masks(
             raise EvalError(f"mask {paths[i] or i + 1} has no gate. Fix: make it with `cna-local attribute` (which fits "
                             "one by default), or evaluate it with --no-gate.")
         used_gates.append(m.gate if g or (g is None) else None)
+    values = [default_multipliers(m, g is not None) if v is None else v for m, v, g in zip(masks, asked, used_gates)]
     if schedule is None:
         own = sorted({m.schedule for m in masks})
         if len(own) > 1:

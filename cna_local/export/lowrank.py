@@ -47,7 +47,7 @@ def low_rank_updates(mask: "NeuronMask", down_weights, m0: float | None = None) 
     """
     from ..runtime.composition import compose
 
-    m0 = check_multiplier(mask.multiplier if m0 is None else m0, what="the export multiplier (M0)")
+    m0 = check_multiplier(mask.default_multiplier(False) if m0 is None else m0, what="the export multiplier (M0)")
     if m0 == 1.0:
         raise ExportError("at multiplier 1 the mask changes nothing, so there is no adapter to export. "
                           "Fix: export at the strength scale 1 should mean, e.g. --multiplier -1.5 or 0.")

@@ -260,7 +260,10 @@ class NeuronSteering:
             self._fingerprint = fingerprint_from_gguf(self._llm.model_path)
         for mask in masks:
             mask.check_matches(self._fingerprint, model_label=self._llm.model_path)
-        values = tuple(check_multiplier(m.multiplier if v is None else v) for m, v in zip(masks, multipliers))
+        gated = self._gate_for(masks, gate)
+        # a mask's own strength depends on whether its gate is used (maskfile.NeuronMask.default_multiplier)
+        values = tuple(check_multiplier(m.default_multiplier(gated is not None) if v is None else v)
+                       for m, v in zip(masks, multipliers))
         if schedule is None:
             own = {getattr(m, "schedule", "all") for m in masks}
             if len(own) > 1:
@@ -271,7 +274,6 @@ class NeuronSteering:
             check_schedule(schedule)
         except ScheduleError as exc:
             raise SteeringError(str(exc)) from None
-        gated = self._gate_for(masks, gate)
         layers, neurons, scales = compose(masks, values)
         self._apply(SteeringState(masks, values, layers, neurons, scales, schedule, gated))
 
@@ -295,6 +297,11 @@ class NeuronSteering:
         if s.off or not s.masks:
             raise SteeringError("no mask is set: call set_mask(mask) first, then choose its gate")
         gate = self._gate_for(s.masks, bool(on))
+        was = s.gate is not None
+        if all(v == m.default_multiplier(was) for m, v in zip(s.masks, s.multipliers)):
+            # at the mask's own strength for one mode: take its own strength for the other
+            self.set_masks(s.masks, None, s.schedule, bool(on))
+            return
         self._apply(SteeringState(s.masks, s.multipliers, s.layers, s.neurons, s.scales, s.schedule, gate), checked=True)
 
     def set_multipliers(self, multipliers: Sequence[float | None]) -> None:

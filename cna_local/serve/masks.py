@@ -44,9 +44,9 @@ class MaskRegistry:
     def __init__(self, slots: Sequence[MaskSlot]):
         self.slots = list(slots)
         self._lock = threading.Lock()
-        self._multipliers = [float(s.mask.multiplier) for s in self.slots]
         # a gate reads one mask's neurons: with several masks composed, every prompt is steered
         self._gates = [len(self.slots) == 1 and s.mask.gate is not None for s in self.slots]
+        self._multipliers = [float(s.mask.default_multiplier(g)) for s, g in zip(self.slots, self._gates)]
 
     @classmethod
     def load(cls, paths: Sequence[str | Path]) -> "MaskRegistry":
@@ -74,7 +74,7 @@ class MaskRegistry:
         "gate", "has_gate"}]"""
         current, gates = self.multipliers(), self.gates()
         return [{"id": s.id, "path": s.path, "name": s.name, "neurons": len(s.mask), "multiplier": current[s.id],
-                 "default_multiplier": float(s.mask.multiplier), "schedule": s.mask.schedule, "gate": gates[s.id],
+                 "default_multiplier": float(s.mask.default_multiplier(gates[s.id])), "schedule": s.mask.schedule, "gate": gates[s.id],
                  "has_gate": s.mask.gate is not None} for s in self.slots]
 
     def set_server_wide(self, body: Any) -> None:
@@ -82,6 +82,8 @@ class MaskRegistry:
         settings = self.parse(body, field="body")
         with self._lock:
             for mask_id, (value, gate) in settings.items():
+                if gate is not None and value is None:
+                    value = self._follow(mask_id, self._multipliers[mask_id], self._gates[mask_id], gate)
                 if value is not None:
                     self._multipliers[mask_id] = value
                 if gate is not None:
@@ -97,15 +99,28 @@ class MaskRegistry:
             if len(self.slots) > 1 and gate:
                 raise RequestError(f"gate: a gate reads one mask's neurons, and this server composes {len(self.slots)} "
                                    "masks; give \"gate\" per mask in neuron_masks, or serve the mask alone.", "gate")
-            self.parse([{"id": 0, "gate": gate}], field="gate")  # the same checks, named after the field
-            gates = [bool(gate)] * len(self.slots)
+            if not isinstance(gate, bool):
+                raise RequestError(f"gate must be true or false, got {gate!r}.", "gate")
+            if gate and self.slots[0].mask.gate is None:
+                raise RequestError("gate: mask 0 has no gate (make one with `cna-local attribute`); send \"gate\": "
+                                   "false or leave it out.", "gate")
+            values = [self._follow(i, v, g, gate) for i, (v, g) in enumerate(zip(values, gates))]
+            gates = [gate] * len(self.slots)
         if body is not None:
             for mask_id, (value, gate) in self.parse(body, field="neuron_masks").items():
+                if gate is not None and value is None:
+                    values[mask_id] = self._follow(mask_id, values[mask_id], gates[mask_id], gate)
                 if value is not None:
                     values[mask_id] = value
                 if gate is not None:
                     gates[mask_id] = gate
         return values, gates
+
+    def _follow(self, mask_id: int, value: float, was: bool, gate: bool) -> float:
+        """A gate switched without a multiplier: a mask at its own strength for one mode takes its own for the
+        other (a gated default can be far stronger than what every prompt should get)."""
+        mask = self.slots[mask_id].mask
+        return mask.default_multiplier(gate) if value == mask.default_multiplier(was) else value
 
     def parse(self, body: Any, field: str) -> dict[int, tuple[float | None, bool | None]]:
         """Check a list of {"id": int, "multiplier": number, "gate": bool} (multiplier or gate may be left out);
