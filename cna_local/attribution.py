@@ -12,7 +12,7 @@ import numpy as np
 from . import __version__
 from .activation_stats import ActivationStats, as_source
 from .contrast_stats import contrast_stats
-from .gate import DEFAULT_FPR, DEFAULT_METHOD, GateError, fit_gate
+from .gate import DEFAULT_FOLDS, DEFAULT_FPR, DEFAULT_METHOD, GateError, fit_gate
 from .maskfile import NeuronMask
 from .prompts import PromptSet, load_contrast_pairs
 from .scoring import (
@@ -62,6 +62,7 @@ class AttributionResult:
     mask: NeuronMask
     n_universal: int = 0  # neurons flagged universal (within the layer range)
     n_universal_removed: int = 0  # of those, how many the unfiltered top k held
+    gate_note: str | None = None  # why no gate was fitted where one was asked for
     seconds: dict = field(default_factory=dict)
 
 
@@ -164,12 +165,15 @@ def attribute(
     n_universal = int(universal[layer_range[0]:layer_range[1]].sum()) if universal is not None else 0
     removed = int(universal[unfiltered.layers, unfiltered.neurons].sum()) if universal is not None else 0
 
-    gate = None
-    if opts.gate:
+    gate, gate_note = None, None
+    folds = min(DEFAULT_FOLDS, pos_stats.n, neg_stats.n)  # out-of-fold scores need two folds at least
+    if opts.gate and folds < 2:
+        gate_note = f"no gate: fitting one out of fold needs 2 prompts in each set, got {pos_stats.n} and {neg_stats.n}"
+    elif opts.gate:
         t0 = time.perf_counter()
         rows = (selection.layers, selection.neurons)
         gate = fit_gate(pos_stats.values[:, rows[0], rows[1]], neg_stats.values[:, rows[0], rows[1]],
-                        fpr=opts.gate_fpr, method=opts.gate_method)
+                        fpr=opts.gate_fpr, method=opts.gate_method, folds=folds)
         seconds["gate"] = time.perf_counter() - t0
 
     fp = source.fingerprint()
@@ -202,4 +206,5 @@ def attribute(
         model_name=source.name, layers=selection.layers, neurons=selection.neurons, scores=selection.scores,
         multiplier=opts.multiplier, meta=meta, gate=gate,
     )
-    return AttributionResult(mask=mask, n_universal=n_universal, n_universal_removed=removed, seconds=seconds)
+    return AttributionResult(mask=mask, n_universal=n_universal, n_universal_removed=removed, seconds=seconds,
+                             gate_note=gate_note)

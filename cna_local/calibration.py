@@ -60,13 +60,55 @@ def strongest_passing(candidates: Sequence[float], passes: Callable[[float], boo
     return None if lo < 0 else candidates[lo]
 
 
+@dataclass
+class _References:
+    """The unsteered model's greedy replies to calibration prompts, their likelihood and first-token
+    distributions: what a steered run is compared with."""
+
+    replies: list[list[int]]
+    nll: list[float | None]
+    logprobs: list[np.ndarray]
+
+
+def _references(engine, ids: Sequence[Sequence[int]], reply_tokens: int) -> _References:
+    refs = _References([], [], [])
+    for i in range(0, len(ids), engine.batch_size):
+        ps = engine.start(list(ids[i:i + engine.batch_size]))
+        replies = engine.greedy(ps, reply_tokens)
+        refs.replies += replies
+        refs.nll += engine.mean_nll(ps, replies)
+        refs.logprobs += [p.logprobs for p in ps]
+    return refs
+
+
+def _quality_and_kl(engine, ids: Sequence[Sequence[int]], refs: _References, which: Sequence[int]):
+    """Under the current steering, for the prompts `which`: likelihood quality of the unsteered replies and
+    first-token KL (quality.py), in groups of the engine's batch size."""
+    from .evaluation import quality as Q
+
+    qs, kls = [], []
+    for i in range(0, len(which), engine.batch_size):
+        g = list(which[i:i + engine.batch_size])
+        ps = engine.start([ids[k] for k in g])
+        for k, p, n in zip(g, ps, engine.mean_nll(ps, [refs.replies[k] for k in g])):
+            kls.append(Q.first_token_kl(refs.logprobs[k], p.logprobs))
+            if n is not None:
+                qs.append(Q.likelihood_quality(n, refs.nll[k]))
+    return qs, kls
+
+
+def _check_fits(ids, reply_tokens: int, n_ctx: int) -> None:
+    too_long = [i for i, x in enumerate(ids) if len(x) + reply_tokens > n_ctx]
+    if too_long:
+        raise CalibrationError(f"calibration prompt {too_long[0] + 1} does not fit in {n_ctx} tokens with its reply. Fix: shorten it.")
+
+
 def calibrate(model_path: str | Path, mask, prompts: Sequence[str], *, schedule: str | None = None,
               min_quality: float = MIN_QUALITY, max_kl: float = MAX_KL, lowest: float = LOWEST, step: float = STEP,
               reply_tokens: int = REPLY_TOKENS, batch_size: int = 8, n_threads: int = 2, n_ctx: int = 1024,
               chat_template: bool = True, progress: Callable[[str], None] | None = None,
               prompt_source: str = "") -> Calibration:
     """Calibrate `mask`'s default multiplier on `prompts` (benign, not the held-out ones) of the GGUF model."""
-    from .evaluation import quality as Q
     from .evaluation.engine import Engine
     from .runtime import SteeredLlama
     from .schedules import steered_in
@@ -84,19 +126,8 @@ def calibrate(model_path: str | Path, mask, prompts: Sequence[str], *, schedule:
         llm.steering.clear()
         engine = Engine(llm, chat_template=chat_template, batch_size=batch_size, schedule=schedule)
         ids = [engine.encode(p) for p in prompts]
-        too_long = [i for i, x in enumerate(ids) if len(x) + reply_tokens > n_ctx]
-        if too_long:
-            raise CalibrationError(f"calibration prompt {too_long[0] + 1} does not fit in {n_ctx} tokens with its reply. Fix: shorten it.")
-        groups = [range(i, min(len(ids), i + batch_size)) for i in range(0, len(ids), batch_size)]
-        refs: list[list[int]] = []
-        ref_nll: list[float | None] = []
-        ref_lp: list[np.ndarray] = []
-        for g in groups:  # the unsteered replies, their likelihood and first-token distributions
-            ps = engine.start([ids[i] for i in g])
-            replies = engine.greedy(ps, reply_tokens)
-            refs += replies
-            ref_nll += engine.mean_nll(ps, replies)
-            ref_lp += [p.logprobs for p in ps]
+        _check_fits(ids, reply_tokens, n_ctx)
+        refs = _references(engine, ids, reply_tokens)
         say(f"calibration: unsteered replies to {len(ids)} prompts ({time.perf_counter() - started:.0f} s)")
 
         tried: dict[float, dict] = {}
@@ -104,14 +135,7 @@ def calibrate(model_path: str | Path, mask, prompts: Sequence[str], *, schedule:
         def measure(m: float) -> dict:
             t0 = time.perf_counter()
             engine.phase = lambda name: llm.set_mask(mask, m if steered_in(schedule, name) else 1.0, "all")
-            qs, kls = [], []
-            for g in groups:
-                ps = engine.start([ids[i] for i in g])
-                nll = engine.mean_nll(ps, [refs[i] for i in g])
-                for i, p, n in zip(g, ps, nll):
-                    kls.append(Q.first_token_kl(ref_lp[i], p.logprobs))
-                    if n is not None:
-                        qs.append(Q.likelihood_quality(n, ref_nll[i]))
+            qs, kls = _quality_and_kl(engine, ids, refs, range(len(ids)))
             row = {"multiplier": m, "quality": float(np.mean(qs)) if qs else None, "kl": float(np.mean(kls)),
                    "seconds": round(time.perf_counter() - t0, 1)}
             row["passes"] = (row["quality"] is None or row["quality"] >= min_quality) and row["kl"] <= max_kl
@@ -193,8 +217,7 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
         engine = Engine(llm, chat_template=chat_template, batch_size=batch_size, schedule=schedule)
         ids_b = [engine.encode(p) for p in benign]
         ids_h = [engine.encode(p) for p in harmful]
-        if any(len(x) + reply_tokens > n_ctx for x in ids_b + ids_h):
-            raise CalibrationError(f"a calibration prompt does not fit in {n_ctx} tokens with its reply. Fix: shorten it.")
+        _check_fits(ids_b + ids_h, reply_tokens, n_ctx)
 
         def fires(ids):
             out = []
@@ -215,16 +238,8 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
 
         b_idx = [i for i, f in enumerate(fired_b) if f]
         h_idx = [i for i, f in enumerate(fired_h) if f]
-        refs, ref_nll, ref_lp = {}, {}, {}
-        replies_b = []
-        for i in range(0, len(ids_b), batch_size):  # unsteered benign replies: references and fluency scale
-            g = list(range(i, min(len(ids_b), i + batch_size)))
-            ps = engine.start([ids_b[k] for k in g])
-            out = engine.greedy(ps, reply_tokens)
-            nll = engine.mean_nll(ps, out)
-            for k, p, o, n in zip(g, ps, out, nll):
-                refs[k], ref_nll[k], ref_lp[k] = o, n, p.logprobs
-            replies_b += out
+        refs = _references(engine, ids_b, reply_tokens)  # unsteered benign replies: references and fluency scale
+        replies_b = refs.replies
         reference_fluency = float(np.mean(fluency([r for r in replies_b if r])))
         say(f"calibration (gated): the gate fires on {len(h_idx)} of {len(ids_h)} harmful and {len(b_idx)} of "
             f"{len(ids_b)} benign calibration prompts; unsteered answers read at {reference_fluency:.2f} nats/token "
@@ -237,16 +252,9 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
         def measure(m: float) -> dict:
             t0 = time.perf_counter()
             engine.phase = lambda name: llm.set_mask(mask, m if steered_in(schedule, name) else 1.0, "all", gate=False)
-            qs = [1.0] * (len(ids_b) - len(b_idx))  # closed: served unsteered, quality 1 and KL 0 exactly
-            kls = [0.0] * (len(ids_b) - len(b_idx))
-            for i in range(0, len(b_idx), batch_size):
-                g = b_idx[i:i + batch_size]
-                ps = engine.start([ids_b[k] for k in g])
-                nll = engine.mean_nll(ps, [refs[k] for k in g])
-                for k, p, n in zip(g, ps, nll):
-                    kls.append(Q.first_token_kl(ref_lp[k], p.logprobs))
-                    if n is not None:
-                        qs.append(Q.likelihood_quality(n, ref_nll[k]))
+            qs, kls = _quality_and_kl(engine, ids_b, refs, b_idx)
+            qs += [1.0] * (len(ids_b) - len(b_idx))  # closed: served unsteered, quality 1 and KL 0 exactly
+            kls += [0.0] * (len(ids_b) - len(b_idx))
             steered = []
             for i in range(0, len(h_idx), batch_size):
                 g = h_idx[i:i + batch_size]

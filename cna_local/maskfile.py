@@ -50,7 +50,7 @@ import numpy as np
 
 from .errors import CnaLocalError
 from .fingerprint import Fingerprint
-from .gate import Gate, GateError, check_gate
+from .gate import Gate, GateError
 from .multipliers import check_multiplier
 from .schedules import SCHEDULES, check_schedule
 

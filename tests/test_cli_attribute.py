@@ -245,9 +245,14 @@ def test_attribute_calibrates_the_default_multiplier_on_negative_prompts_it_hold
     assert result.exit_code == 0, result.output
     mask = NeuronMask.load(out)
     cal = mask.meta["calibration"]
-    assert mask.multiplier == cal["chosen"] and cal["n_prompts"] == 2 and "0.97" in cal["rule"]
+    # the calibration's strength is the one for every prompt; through the gate the mask has its own
+    assert mask.default_multiplier(False) == cal["chosen"] and cal["n_prompts"] == 2 and "0.97" in cal["rule"]
     assert mask.meta["selection"]["negative"]["n"] == 2  # the other two were not used to pick neurons
-    assert json.loads(result.stdout)["calibration"]["chosen"] == mask.multiplier
+    summary = json.loads(result.stdout)
+    assert summary["calibration"]["chosen"] == mask.default_multiplier(False)
+    gated = mask.gate.info["calibration"]
+    assert mask.multiplier == gated["chosen"] if "chosen" in gated else gated["error"]
+    assert summary["gate"]["folds"] == 2  # as many folds as the two negative prompts allow
     assert "calibrated" in run("inspect", out).output
 
     # too few prompts to hold out; an explicit multiplier skips the calibration

@@ -101,3 +101,38 @@ def test_chat_with_a_slider_moved_streams_the_answer_at_the_new_strength(browser
         shot = Path(os.environ.get("CNA_SCREENSHOT_DIR") or tmp_path) / "serve-page.png"
         browser.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
+
+
+def test_the_gate_checkbox_sends_the_gate_and_the_reply_says_what_it_decided(browser, files, tmp_path):  # noqa: F811
+    import dataclasses
+
+    from selenium.webdriver.common.by import By
+
+    from cna_local.commands.serve import _build
+    from cna_local.gate import Gate
+    from cna_local.maskfile import NeuronMask
+    from serve_helpers import SETTINGS
+
+    mask = NeuronMask.load(files["a"])
+    dataclasses.replace(mask, gate=Gate.never(len(mask))).save(tmp_path / "gated.gguf")
+    app = _build(str(files["model"]), [tmp_path / "gated.gguf"], None, "tiny", SETTINGS["n_ctx"], SETTINGS["n_ubatch"],
+                 SETTINGS["n_threads"], -1, None)
+    with live_server(app) as url:
+        browser.get(url + "/")
+        box = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".mask-gate"), what="the gate box")[0]
+        assert box.is_displayed() and box.is_selected()
+        browser.find_element(By.ID, "max_tokens").clear()
+        browser.find_element(By.ID, "max_tokens").send_keys("6")
+
+        def send(text):
+            n = len(browser.find_elements(By.CSS_SELECTOR, ".reply.steered"))
+            browser.find_element(By.ID, "message").send_keys(text)
+            browser.find_element(By.ID, "send").click()
+            wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".reply.steered")) == n + 1
+                     and browser.find_element(By.ID, "send").is_enabled(), what="the answer")
+            return browser.find_elements(By.CSS_SELECTOR, ".reply.steered .tag")[-1].text
+
+        assert "gate closed: unsteered" in send("Hello")
+        box.click()  # gate off: every prompt steered
+        tag = send("Hello again")
+        assert "gate" not in tag and "refusal × -1.5" in tag

@@ -71,7 +71,9 @@ FALLBACK_MULTIPLIER = -1.5
 @click.option("--calibration-prompts", type=click.IntRange(min=0), default=None, metavar="N",
               help="Hold the last N NEGATIVE prompts out of the attribution and choose the default multiplier on "
                    "them, in llama.cpp: the strongest whose likelihood quality stays >= 0.97 and first-token KL "
-                   "<= 0.1 (both as `cna-local eval` measures them). 0, or --multiplier, skips it.  [default: "
+                   "<= 0.1 (both as `cna-local eval` measures them). With a gate, also the default through it: the "
+                   "strongest whose steered replies to the last N POSITIVE prompts it fires on stay coherent, with "
+                   "benign quality >= 0.99 and KL <= 0.02 through the gate. 0, or --multiplier, skips it.  [default: "
                    f"{CALIBRATION_PROMPTS} when NEGATIVE has at least {2 * CALIBRATION_PROMPTS} prompts, else 0]")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="all", show_default=True,
               help="The mask's default steering schedule: all positions, the prompt's, or those that predict a "
@@ -223,15 +225,21 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
         mask.meta["calibration"] = cal.record
         if mask.gate is not None:
             # through the gate ordinary prompts are left alone: its own, stronger default (calibration.py)
-            from ..calibration import calibrate_gated
+            from ..calibration import CalibrationError, calibrate_gated
 
             harmful = pos.prompts[-calibration_prompts:]
-            gcal = calibrate_gated(model_path, mask, held_out, harmful, schedule=schedule, chat_template=chat_template,
-                                   progress=(lambda m: click.echo(f"      {m}", err=True)) if progress else None,
-                                   prompt_source=f"benign: the last {len(held_out)} of {negative} (not used for attribution); "
-                                                 f"harmful: the last {len(harmful)} of {positive} (used for attribution)")
-            mask.static_multiplier, mask.multiplier = cal.chosen, gcal.chosen
-            mask.gate.info["calibration"] = gcal.record
+            try:
+                gcal = calibrate_gated(model_path, mask, held_out, harmful, schedule=schedule, chat_template=chat_template,
+                                       progress=(lambda m: click.echo(f"      {m}", err=True)) if progress else None,
+                                       prompt_source=f"benign: the last {len(held_out)} of {negative} (not used for "
+                                                     f"attribution); harmful: the last {len(harmful)} of {positive} (used for attribution)")
+            except CalibrationError as exc:  # the static default serves both ways; say why
+                mask.gate.info["calibration"] = {"error": str(exc)}
+                if progress:
+                    click.echo(f"      no gated default ({exc}); the static one, {cal.chosen:g}, serves both", err=True)
+            else:
+                mask.static_multiplier, mask.multiplier = cal.chosen, gcal.chosen
+                mask.gate.info["calibration"] = gcal.record
         calibration_seconds = time.perf_counter() - t0
     write_atomic_with(out, mask.save)
     return {
@@ -252,6 +260,7 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
         "schedule": mask.schedule,
         "calibration": mask.meta.get("calibration"),
         "gate": None if mask.gate is None else {"threshold": mask.gate.threshold, **mask.gate.info},
+        **({"gate_note": result.gate_note} if result.gate_note else {}),
         "seconds": {"load": round(load_seconds, 2), **{k: round(v, 2) for k, v in result.seconds.items()},
                     **({"calibration": round(calibration_seconds, 2)} if calibrate else {}),
                     "total": round(time.perf_counter() - started, 2)},
@@ -270,13 +279,15 @@ def _print_summary(s: dict) -> None:
     if cal:
         click.echo(f"  multiplier {cal['chosen']:g} calibrated on {cal['n_prompts']} held-out negative prompts: quality "
                    f"{cal['quality']}, KL {cal['kl']} ({cal['rule']}; {len(cal['tried'])} strengths tried)")
+    if s.get("gate_note"):
+        click.echo(f"  {s['gate_note']}")
     g = s.get("gate")
     if g:
         oof = g["out_of_fold"]
         click.echo(f"  gate ({g['method']}, {g['n_neurons']} neurons): fires on {oof['tpr']:.0%} of positive and "
                    f"{oof['fpr']:.0%} of negative prompts, out of fold (target <= {g['fpr_target']:.0%}; AUC {oof['auc']:.3f})")
         gcal = g.get("calibration")
-        if gcal:
+        if gcal and "chosen" in gcal:
             click.echo(f"  multiplier {gcal['chosen']:g} through the gate ({len(gcal['tried'])} strengths tried: harmful replies "
                        f"{gcal['degenerate']:.0%} degenerate, {gcal['fluency_nll']:.2f} nats/token against "
                        f"{gcal['reference_fluency_nll']:.2f}); {s['static_multiplier']:g} on every prompt (--no-gate)")
