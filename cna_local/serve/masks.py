@@ -176,7 +176,9 @@ class MaskRegistry:
         return f"This server has mask id{'s' if len(self.slots) > 1 else ''} {ids} (GET /neuron-masks lists them)."
 
 
-def echo(values: Sequence[float], gates: Sequence[bool] | None = None) -> list[dict]:
-    """What a response says it ran with: [{"id": 0, "multiplier": -1.5, "gate": false}, ...]."""
-    gates = [False] * len(values) if gates is None else gates
-    return [{"id": i, "multiplier": v, "gate": bool(g)} for i, (v, g) in enumerate(zip(values, gates))]
+def echo(values: Sequence[float], gates: Sequence[bool | None] | None = None) -> list[dict]:
+    """What a response says it ran with: [{"id": 0, "multiplier": -1.5, "gate": true}, ...]; "gate" only for
+    masks that have one (None in `gates`)."""
+    gates = [None] * len(values) if gates is None else gates
+    return [{"id": i, "multiplier": v, **({} if g is None else {"gate": bool(g)})}
+            for i, (v, g) in enumerate(zip(values, gates))]

@@ -69,7 +69,12 @@ class ModelWorker:
     def _extras(self, job: Job, timings: dict) -> dict:
         # what the gate decided for this prompt (null where no gate was in use)
         decided = self.llm.last_gate.as_dict() if any(job.gates) and self.llm.last_gate is not None else None
-        return {"neuron_masks": echo(job.multipliers, job.gates), "gate": decided, "timings": timings}
+        gated = {"gate": decided} if any(s.mask.gate is not None for s in self.registry.slots) else {}
+        return {"neuron_masks": self._echo(job), **gated, "timings": timings}
+
+    def _echo(self, job: Job) -> list[dict]:
+        has = [s.mask.gate is not None for s in self.registry.slots]
+        return echo(job.multipliers, [g if h else None for g, h in zip(job.gates, has)])
 
     def _timed(self, job: Job, call: Callable[[], Any]) -> tuple[Any, Callable[[], dict]]:
         started = time.perf_counter()
@@ -102,7 +107,7 @@ class ModelWorker:
                 if job.cancelled.is_set():
                     break
                 if previous is not None:
-                    push(plain({**previous, "neuron_masks": echo(job.multipliers, job.gates)}))
+                    push(plain({**previous, "neuron_masks": self._echo(job)}))
                 previous = chunk
             if previous is not None and not job.cancelled.is_set():
                 push(plain({**previous, **self._extras(job, timings())}))  # the last chunk carries the timings
