@@ -121,7 +121,7 @@ def test_setting_what_is_already_set_keeps_the_cached_prompt(llm, tmp_path):
 
 def test_multiplier_without_a_mask_fails_before_the_model_loads(tmp_path):
     missing = tmp_path / "no-such-model.gguf"  # loading it would fail differently
-    with pytest.raises(CnaLocalError, match="multiplier or schedule was given without a mask"):
+    with pytest.raises(CnaLocalError, match="multiplier, schedule or gate was given without a mask"):
         SteeredLlama(str(missing), multiplier=0.0)
 
 
