@@ -92,7 +92,7 @@ def _run(model_spec, out_dir: Path, multipliers, limit, score_method: str, compa
     masks, values = [mask], [multipliers or default_multipliers(mask)]
     if compare:
         say(f"[2/{steps}] the reference's mask: score delta, layers 2:, top 0.1%")
-        ref = run_attribute(**common, score_method="delta", layers="2:", multiplier=0.0,
+        ref = run_attribute(**common, score_method="delta", layers="2:", multiplier=0.0, gate=False,  # as it ships
                             out=out_dir / "reference.mask.gguf", name="reference (delta, layers 2:, 0.1%)")
         masks.append(NeuronMask.load(ref["out"]))
         values.append(list(REFERENCE_MULTIPLIERS))
