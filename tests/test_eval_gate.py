@@ -106,3 +106,25 @@ def test_harmful_replies_are_scored_for_coherence(llm, mask):
 def test_asking_for_a_gate_a_mask_lacks_is_an_error(llm, mask):
     with pytest.raises(EvalError, match="has no gate"):
         evaluate_masks(llm, [mask], [[1.0, 0.0]], HARMFUL, BENIGN, [], gates=[True], **OPTIONS)
+
+
+def test_eval_cli_puts_gated_and_static_side_by_side(model, mask, tmp_path):
+    from click.testing import CliRunner
+
+    from cna_local.cli import cli
+
+    path = dataclasses.replace(mask, gate=Gate.never(len(mask)), meta={"name": "tiny"}).save(tmp_path / "gated.gguf")
+    harmful, benign = tmp_path / "h.txt", tmp_path / "b.txt"
+    harmful.write_text("\n".join(HARMFUL[:2]) + "\n")
+    benign.write_text("\n".join(BENIGN[:2]) + "\n")
+    args = ["eval", "--model", str(model), "--mask", str(path), "--multipliers", "1,-4", "--harmful", str(harmful),
+            "--benign", str(benign), "--no-capability", "--max-tokens", "4", "--quality-tokens", "4", "--threads", "1",
+            "--batch-size", "2", "-q"]
+    result = CliRunner().invoke(cli, [*args, "--static-too", "--json", str(tmp_path / "e.json")])
+    assert result.exit_code == 0, result.output
+    assert "tiny [gated]" in result.output and "tiny [static]" in result.output
+    masks = __import__("json").loads((tmp_path / "e.json").read_text())["masks"]
+    assert [m["gate"] is not None for m in masks] == [True, False]
+    assert masks[0]["rows"][-1]["gate_rate_harmful"] == 0.0  # never fires
+    bad = CliRunner().invoke(cli, [*args, "--static-too", "--no-gate"])
+    assert bad.exit_code != 0 and "cannot go with --no-gate" in bad.output

@@ -219,9 +219,9 @@ def comparison_dict(results, records: bool = True) -> dict:
     baseline = next(r for r in first["rows"] if r["baseline"])
     return {
         "model": results[0].model,
-        "settings": {k: v for k, v in results[0].settings.items() if k != "multipliers"},
+        "settings": {k: v for k, v in results[0].settings.items() if k not in ("multipliers", "gate")},
         "baseline": baseline,
-        "masks": [{"label": label, "mask": r.mask, "multipliers": r.settings["multipliers"],
+        "masks": [{"label": label, "mask": r.mask, "multipliers": r.settings["multipliers"], "gate": r.settings.get("gate"),
                    "rows": [row for row in r.to_dict(records=records)["rows"] if not row["baseline"]]}
                   for label, r in zip(_labels(results), results)],
         "seconds": round(results[0].seconds, 2),
