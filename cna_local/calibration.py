@@ -196,6 +196,7 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
     from .evaluation import quality as Q
     from .evaluation.engine import Engine
     from .evaluation.schedule import NEUTRAL_INSTRUCTION
+    from .gate import row_columns
     from .runtime import SteeredLlama
     from .schedules import steered_in
 
@@ -209,7 +210,7 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
     llm = SteeredLlama(str(model_path), n_ctx=n_ctx * batch_size, n_seq_max=batch_size, n_threads=n_threads,
                        n_threads_batch=n_threads)
     n_ff = mask.n_ff
-    where = mask.layers.astype(np.int64) * n_ff + mask.neurons
+    where = row_columns(mask.layers, mask.neurons, n_ff)
     engine = None
     try:
         llm.set_mask(mask, 1.0, "all", gate=False)  # checks that the mask belongs to the model before any work

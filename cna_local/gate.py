@@ -171,8 +171,6 @@ def fit_gate(pos: np.ndarray, neg: np.ndarray, fpr: float = DEFAULT_FPR, method:
     return Gate(w.astype(np.float32), float(threshold), info)
 
 
-def gate_values(rows: np.ndarray, layers: np.ndarray, neurons: np.ndarray, n_ff: int) -> np.ndarray:
-    """The mask's neurons out of captured rows [..., n_layer * n_ff] (or [..., n_layer, n_ff])."""
-    rows = np.asarray(rows)
-    flat = rows.reshape(*rows.shape[:-2], -1) if rows.ndim >= 2 and rows.shape[-1] == n_ff and rows.ndim > 2 else rows
-    return flat[..., np.asarray(layers, np.int64) * n_ff + np.asarray(neurons, np.int64)]
+def row_columns(layers: np.ndarray, neurons: np.ndarray, n_ff: int) -> np.ndarray:
+    """Where the mask's neurons sit in a captured row (every layer's n_ff values, layers in order)."""
+    return np.asarray(layers, np.int64) * n_ff + np.asarray(neurons, np.int64)
