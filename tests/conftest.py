@@ -10,6 +10,19 @@ import pytest
 from tiny_models import build_tiny_hf, to_gguf
 
 
+@pytest.fixture(autouse=True, scope="session")
+def gpu_build_when_asked():
+    """CNA_TEST_GPU=1 must run on a GPU build: a CPU build would quietly pass the suites on the CPU."""
+    from backend import ON_GPU
+
+    if ON_GPU:
+        import llama_cpp
+
+        assert llama_cpp.llama_supports_gpu_offload(), (
+            "CNA_TEST_GPU=1 but this llama.cpp cannot offload to a GPU. Fix: build it with "
+            "CMAKE_ARGS=\"-DGGML_CUDA=ON\" (tools/device_check.sh does), or unset CNA_TEST_GPU.")
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch) -> Path:
     """Every test gets its own empty cna-local cache, so no test reads or fills the user's."""

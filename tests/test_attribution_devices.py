@@ -55,3 +55,71 @@ def test_a_bf16_model_writes_the_fingerprint_of_its_file(tiny_qwen2_hf):
 
     loaded = load_model(tiny_qwen2_hf, dtype=torch.bfloat16)
     assert TorchSource(loaded).fingerprint() == fingerprint_from_hf_dir(tiny_qwen2_hf)
+
+
+needs_cuda = pytest.mark.skipif(not __import__("torch").cuda.is_available(),
+                                reason="needs a CUDA GPU: tools/device_check.sh runs it on one")
+
+
+def rel(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+@needs_cuda
+def test_cuda_float32_gives_the_cpu_statistics(tiny_qwen2_hf):
+    """The same float32 model on the GPU: only the summation order differs (TF32 stays off in torch's default)."""
+    import torch
+
+    want = stats(load_model(tiny_qwen2_hf))
+    loaded = load_model(tiny_qwen2_hf, device="cuda", dtype=torch.float32)
+    assert next(loaded.model.parameters()).device.type == "cuda"
+    got = stats(loaded)
+    for field in ("values", "token_sumsq", "resid_sum"):
+        assert rel(getattr(got, field), getattr(want, field)) < 1e-4, field
+
+
+@needs_cuda
+def test_cuda_defaults_to_bfloat16_within_its_rounding(tiny_qwen2_hf):
+    """bf16 keeps 8 bits of mantissa: each matmul's inputs round by up to 2^-9, compounded over 3 layers and
+    the SwiGLU product. The bound, 5% of the largest value, is about 10x that; a wrong placement is far off."""
+    import torch
+
+    want = stats(load_model(tiny_qwen2_hf))
+    loaded = load_model(tiny_qwen2_hf, device="cuda")
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    got = stats(loaded)
+    assert rel(got.values, want.values) < 5e-2
+    assert rel(got.resid_sum, want.resid_sum) < 5e-2
+
+
+@needs_cuda
+def test_device_map_auto_puts_the_layers_on_the_gpu(tiny_qwen2_hf):
+    import torch
+
+    want = stats(load_model(tiny_qwen2_hf))
+    placed = load_model(tiny_qwen2_hf, device_map="auto", dtype=torch.float32)
+    assert {str(d) for d in placed.model.hf_device_map.values()} <= {"0", "cuda:0"}
+    got = stats(placed)
+    assert rel(got.values, want.values) < 1e-4
+
+
+@needs_cuda
+def test_the_attribute_command_on_cuda_writes_the_cpu_mask(tiny_gguf, tmp_path):
+    """--device cuda with the torch backend: the same neurons as on the CPU (float32 on both sides here would
+    be exact; the default bf16 may swap a neuron at the cut, hence Jaccard, not equality)."""
+    from cna_local.maskfile import NeuronMask
+
+    gguf = tiny_gguf("qwen2")
+    pos, neg = tmp_path / "pos.txt", tmp_path / "neg.txt"
+    pos.write_text("\n".join(p + " now" for p in PROMPTS))
+    neg.write_text("\n".join(PROMPTS))
+    masks = []
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.gguf"
+        result = CliRunner().invoke(cli, ["attribute", "--model", str(gguf), "--positive", str(pos), "--negative",
+                                          str(neg), "--top-k", "20", "--multiplier", "0", "--no-chat-template",
+                                          "--backend", "torch", "--device", device, "--out", str(out), "-q"])
+        assert result.exit_code == 0, result.output
+        masks.append(NeuronMask.load(out))
+    a, b = (set(zip(m.layers.tolist(), m.neurons.tolist())) for m in masks)
+    assert len(a & b) / len(a | b) >= 0.8

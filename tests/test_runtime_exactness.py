@@ -22,6 +22,8 @@ import torch
 
 from cna_local.runtime import SteeredLlama
 
+from backend import N_GPU_LAYERS
+
 TOL_FACTOR = 3.0
 TOL_ABS = 1e-4
 # a mask must move the torch logits by at least this many tolerances, or the comparison proves nothing
@@ -111,7 +113,7 @@ def pair(request, ffn_heavy_gguf):
     path = ffn_heavy_gguf(arch, outtype)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     model.eval()
-    llm = SteeredLlama(str(path), n_ctx=64, logits_all=True, n_threads=2, verbose=False)
+    llm = SteeredLlama(str(path), n_ctx=64, logits_all=True, n_threads=2, verbose=False, n_gpu_layers=N_GPU_LAYERS)
     base_err = np.abs(llama_logits(llm, TOKENS) - torch_logits(model, TOKENS)).max()
     yield llm, model, base_err
     llm.close()

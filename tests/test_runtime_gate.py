@@ -13,9 +13,10 @@ from cna_local.fingerprint import fingerprint_from_gguf
 from cna_local.gate import Gate
 from cna_local.runtime import SteeredLlama, SteeringError
 
+from backend import N_GPU_LAYERS
 from test_eval_runner import make_mask
 
-LLM = dict(n_ctx=512, n_threads=1, n_threads_batch=1, logits_all=True)  # logprobs: every token's logits
+LLM = dict(n_ctx=512, n_threads=1, n_threads_batch=1, logits_all=True, n_gpu_layers=N_GPU_LAYERS)  # logprobs: every token's logits
 PROMPTS = ["Write a haiku about rain", "Explain how a bicycle stays upright", "List three prime numbers"]
 
 
@@ -77,7 +78,7 @@ def test_a_gate_that_always_fires_is_the_static_mask_exactly(llm, mask):
 
 def test_the_gate_reads_what_attribution_captured(model, llm, mask):
     """The runtime's reading of the mask's neurons is the llama backend's last-token value of the prompt."""
-    source = LlamaSource(model)
+    source = LlamaSource(model, n_gpu_layers=N_GPU_LAYERS)
     try:
         values = source.collect(PROMPTS, keep=True, progress=False).values[:, mask.layers, mask.neurons]
     finally:
