@@ -66,10 +66,13 @@ def test_packing_prompts_into_decodes_does_not_change_what_each_prompt_gives(tin
     finally:
         wide.close()
         narrow.close()
+    # On the CPU the batch shape changes only the summation order. On CUDA it also picks the kernel, some
+    # in full F32, cuBLAS in TF32 (unit roundoff 2^-11): the GPU bound is test_runtime_exactness's TF32 one.
+    tol = 1e-2 if N_GPU_LAYERS else 1e-5
     scale = np.abs(a.values).max()
-    np.testing.assert_allclose(b.values, a.values, rtol=0, atol=1e-5 * scale)
-    np.testing.assert_allclose(np.stack(alone), a.values, rtol=0, atol=1e-5 * scale)
-    np.testing.assert_allclose(b.token_sumsq, a.token_sumsq, rtol=1e-5)
+    np.testing.assert_allclose(b.values, a.values, rtol=0, atol=tol * scale)
+    np.testing.assert_allclose(np.stack(alone), a.values, rtol=0, atol=tol * scale)
+    np.testing.assert_allclose(b.token_sumsq, a.token_sumsq, rtol=tol)
 
 
 def test_a_prompt_longer_than_the_token_budget_widens_the_context(tiny_gguf):

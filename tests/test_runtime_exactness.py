@@ -121,10 +121,13 @@ def pair(request, ffn_heavy_gguf):
 
 def test_no_mask_floor_is_small(pair):
     """Without a mask both runtimes agree closely: F32 to 0.1% of the largest logit; Q8_0, which also
-    quantizes every activation to 8 bits, to 5% (measured: about 3%). A wrong load is far off both."""
+    quantizes every activation to 8 bits, to 5% (measured: about 3%). A wrong load is far off both.
+    On CUDA, ggml runs F32 matmuls through cuBLAS in TF32 (CUBLAS_TF32_TENSOR_OP_MATH: 10-bit mantissa,
+    unit roundoff 2^-11), so F32 gets 1% there (measured on an H200: 0.25%)."""
     llm, model, base_err = pair
     scale = np.abs(torch_logits(model, TOKENS)).max()
-    rel = 1e-3 if llm.metadata.get("general.file_type") == "0" else 5e-2
+    f32 = 1e-2 if N_GPU_LAYERS else 1e-3
+    rel = f32 if llm.metadata.get("general.file_type") == "0" else 5e-2
     assert base_err < rel * scale, f"no-mask floor {base_err:.3g} vs largest logit {scale:.3g}"
 
 

@@ -40,6 +40,13 @@ cmake --install "$build" --component cna_local >/dev/null
 echo "device_check: built in $((SECONDS - t0)) s ($backend)"
 
 # the package from this checkout, llama-cpp-python's Python side and the libraries from the build
+if [[ $backend == cuda ]]; then
+    # With a CUDA torch imported first (the comparisons need both in one process), libllama's std::regex
+    # crashed in the vocabulary load: a libstdc++ symbol bound to the wrong library (H200, torch 2.11+cu130,
+    # CUDA 13.0; importing llama_cpp first or LD_BIND_NOW did not help). Preloading libstdc++ did.
+    stdcxx=$(ldconfig -p | awk '/libstdc\+\+\.so\.6 / {print $NF; exit}')
+    [[ -n $stdcxx ]] && export LD_PRELOAD="$stdcxx${LD_PRELOAD:+:$LD_PRELOAD}"
+fi
 export LLAMA_CPP_LIB_PATH="$build/site/cna_local/lib"
 export PYTHONPATH="$root:$build/site${PYTHONPATH:+:$PYTHONPATH}"
 cd "$root"
