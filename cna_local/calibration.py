@@ -110,7 +110,6 @@ def calibrate(model_path: str | Path, mask, prompts: Sequence[str], *, schedule:
               prompt_source: str = "") -> Calibration:
     """Calibrate `mask`'s default multiplier on `prompts` (benign, not the held-out ones) of the GGUF model."""
     from .evaluation.engine import Engine
-    from .runtime import SteeredLlama
     from .schedules import steered_in
 
     if not prompts:
@@ -118,8 +117,7 @@ def calibrate(model_path: str | Path, mask, prompts: Sequence[str], *, schedule:
     schedule = schedule or getattr(mask, "schedule", "all")
     say = progress or (lambda msg: None)
     started = time.perf_counter()
-    llm = SteeredLlama(str(model_path), n_ctx=n_ctx * batch_size, n_seq_max=batch_size, n_threads=n_threads,
-                       n_threads_batch=n_threads)
+    llm = _steered_llm(model_path, batch_size, n_threads, n_ctx)
     engine = None
     try:
         llm.set_mask(mask, 1.0, "all")  # checks that the mask belongs to the model before any work
@@ -159,13 +157,29 @@ def calibrate(model_path: str | Path, mask, prompts: Sequence[str], *, schedule:
     record = {
         "rule": f"strongest multiplier with likelihood quality >= {min_quality:g} and first-token KL <= {max_kl:g}",
         "chosen": chosen, "quality": round(best["quality"], 4) if best["quality"] is not None else None,
-        "kl": round(best["kl"], 4), "n_prompts": len(ids), "prompts": prompt_source, "reply_tokens": reply_tokens,
-        "grid": f"1 - {step:g} k down to {lowest:g}, bisected", "schedule": schedule,
-        "tried": [tried[m] for m in sorted(tried, reverse=True)],
-        "seconds": round(time.perf_counter() - started, 1),
+        "kl": round(best["kl"], 4), "n_prompts": len(ids),
     }
+    return _result(record, tried, chosen, lowest, step, schedule, reply_tokens, prompt_source, started)
+
+
+def _steered_llm(model_path, batch_size: int, n_threads: int, n_ctx: int):
+    from .runtime import SteeredLlama
+
+    return SteeredLlama(str(model_path), n_ctx=n_ctx * batch_size, n_seq_max=batch_size, n_threads=n_threads,
+                        n_threads_batch=n_threads)
+
+
+def _result(record: dict, tried: dict[float, dict], chosen: float, lowest: float, step: float, schedule: str,
+            reply_tokens: int, prompt_source: str, started: float) -> Calibration:
+    """Both calibrations' record: the rule's own fields, then how the search went."""
+    record.update({
+        "prompts": prompt_source, "reply_tokens": reply_tokens, "grid": f"1 - {step:g} k down to {lowest:g}, bisected",
+        "schedule": schedule, "tried": [tried[m] for m in sorted(tried, reverse=True)],
+        "seconds": round(time.perf_counter() - started, 1),
+    })
     if math.isclose(chosen, lowest):
         record["note"] = f"the strongest candidate ({lowest:g}) still passes; stronger ones were not tried"
+    best = tried[chosen]
     return Calibration(chosen, best["quality"], best["kl"], record["tried"], record)
 
 
@@ -197,7 +211,6 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
     from .evaluation.engine import Engine
     from .evaluation.schedule import NEUTRAL_INSTRUCTION
     from .gate import row_columns
-    from .runtime import SteeredLlama
     from .schedules import steered_in
 
     if mask.gate is None:
@@ -207,8 +220,7 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
     schedule = schedule or getattr(mask, "schedule", "all")
     say = progress or (lambda msg: None)
     started = time.perf_counter()
-    llm = SteeredLlama(str(model_path), n_ctx=n_ctx * batch_size, n_seq_max=batch_size, n_threads=n_threads,
-                       n_threads_batch=n_threads)
+    llm = _steered_llm(model_path, batch_size, n_threads, n_ctx)
     n_ff = mask.n_ff
     where = row_columns(mask.layers, mask.neurons, n_ff)
     engine = None
@@ -291,10 +303,5 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
         "chosen": chosen, "quality": round(best["quality"], 4), "kl": round(best["kl"], 4),
         "degenerate": best["degenerate"], "fluency_nll": best["fluency_nll"], "reference_fluency_nll": reference_fluency,
         "n_prompts": len(ids_b), "n_harmful": len(ids_h), "gate_fired_benign": len(b_idx), "gate_fired_harmful": len(h_idx),
-        "prompts": prompt_source, "reply_tokens": reply_tokens, "grid": f"1 - {step:g} k down to {lowest:g}, bisected",
-        "schedule": schedule, "tried": [tried[m] for m in sorted(tried, reverse=True)],
-        "seconds": round(time.perf_counter() - started, 1),
     }
-    if math.isclose(chosen, lowest):
-        record["note"] = f"the strongest candidate ({lowest:g}) still passes; stronger ones were not tried"
-    return Calibration(chosen, best["quality"], best["kl"], record["tried"], record)
+    return _result(record, tried, chosen, lowest, step, schedule, reply_tokens, prompt_source, started)

@@ -102,14 +102,16 @@ def fold_ids(n_pos: int, n_neg: int, folds: int, seed: int) -> tuple[np.ndarray,
 
 
 def out_of_fold_scores(pos: np.ndarray, neg: np.ndarray, method: str, folds: int, seed: int = 0):
-    """Each prompt scored by a gate fitted without it (stratified folds); (pos scores, neg scores)."""
+    """Each prompt scored by a gate fitted without it (stratified folds): (pos scores, neg scores, the
+    folds' directions)."""
     fold_pos, fold_neg = fold_ids(len(pos), len(neg), folds, seed)
-    s_pos, s_neg = np.zeros(len(pos)), np.zeros(len(neg))
+    s_pos, s_neg, directions = np.zeros(len(pos)), np.zeros(len(neg)), []
     for f in range(folds):
         w = direction(pos[fold_pos != f], neg[fold_neg != f], method)
         s_pos[fold_pos == f] = pos[fold_pos == f] @ w
         s_neg[fold_neg == f] = neg[fold_neg == f] @ w
-    return s_pos, s_neg
+        directions.append(w)
+    return s_pos, s_neg, directions
 
 
 def auc(s_pos: np.ndarray, s_neg: np.ndarray) -> float:
@@ -150,14 +152,11 @@ def fit_gate(pos: np.ndarray, neg: np.ndarray, fpr: float = DEFAULT_FPR, method:
     if folds < 2 or min(len(pos), len(neg)) < folds:
         raise GateError(f"fitting a gate with {folds} folds needs at least {max(folds, 2)} prompts in each set; "
                         f"got {len(pos)} positive and {len(neg)} negative. Fix: give more prompts, or --no-gate.")
-    s_pos, s_neg = out_of_fold_scores(pos, neg, method, folds, seed)
+    s_pos, s_neg, fold_directions = out_of_fold_scores(pos, neg, method, folds, seed)
     threshold = choose_threshold(s_pos, s_neg, fpr)
     w = direction(pos, neg, method)
-    fold_pos, fold_neg = fold_ids(len(pos), len(neg), folds, seed)
-    cos = []
-    for f in range(folds):  # how much the direction moves when a fold is left out
-        wf = direction(pos[fold_pos != f], neg[fold_neg != f], method)
-        cos.append(float(wf @ w / (np.linalg.norm(wf) * np.linalg.norm(w) + 1e-30)))
+    # how much the direction moves when a fold is left out
+    cos = [float(wf @ w / (np.linalg.norm(wf) * np.linalg.norm(w) + 1e-30)) for wf in fold_directions]
     tpr_oof = float((s_pos >= threshold).mean())
     fpr_oof = float((s_neg >= threshold).mean())
     info = {
