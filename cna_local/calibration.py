@@ -193,6 +193,21 @@ FLUENCY_SLACK = 1.5
 GATED_LOWEST = -6.0
 
 
+def benign_fire_rate(fired: Sequence[bool], gate_info: dict) -> float:
+    """How often the gate is taken to fire on benign prompts: the larger of the share of `fired` and the gate's
+    out-of-fold rate on the discovery negatives (else its target rate)."""
+    out_of_fold = (gate_info.get("out_of_fold") or {}).get("fpr", gate_info.get("fpr_target", 0.0))
+    return max(float(np.mean(fired)) if len(fired) else 0.0, float(out_of_fold))
+
+
+def false_positive_stand_ins(scores: np.ndarray, threshold: float, share: float = 0.25) -> list[int]:
+    """The benign prompts whose cost stands for a false positive's: those the gate fires on, and the top
+    `share` by score (the most like the prompts it fires on), in prompt order."""
+    scores = np.asarray(scores, np.float64)
+    top = np.argsort(-scores, kind="stable")[:max(1, math.ceil(share * len(scores)))]
+    return sorted(set(np.flatnonzero(scores >= threshold).tolist()) | set(top.tolist()))
+
+
 def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful: Sequence[str], *,
                     schedule: str | None = None, min_quality: float = GATED_MIN_QUALITY, max_kl: float = GATED_MAX_KL,
                     max_degenerate: float = GATED_MAX_DEGENERATE, fluency_slack: float = FLUENCY_SLACK,
@@ -200,8 +215,13 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
                     batch_size: int = 8, n_threads: int = 2, n_ctx: int = 1024, chat_template: bool = True,
                     progress: Callable[[str], None] | None = None, prompt_source: str = "") -> Calibration:
     """The default multiplier of a gated mask: the strongest on the grid (1 - step k, down to `lowest`) where
-      * on the `benign` calibration prompts, served through the gate (unsteered where it stays closed), the
-        mean likelihood quality is >= min_quality and the mean first-token KL <= max_kl, and
+      * on benign prompts served through the gate the expected likelihood quality is >= min_quality and the
+        expected first-token KL <= max_kl. A benign prompt costs something only when the gate fires on it, so
+        expected = (rate at which the gate fires on benign prompts) x (what steering costs the benign prompts
+        it fires on). The rate is the larger of this set's and the gate's out-of-fold rate on the discovery
+        negatives: 20 prompts with no false positive must not promise that none ever fires. The cost is
+        measured on the ones it fires on here and, standing in for unseen false positives, the quarter of the
+        benign prompts that score highest (the most like the prompts the gate fires on), and
       * on the `harmful` prompts the gate fires on, the steered greedy replies stay text: at most
         `max_degenerate` of them degenerate, and their mean per-token NLL under the unsteered model after a
         neutral instruction at most `fluency_slack` times that of the unsteered model's own replies to the
@@ -232,14 +252,15 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
         ids_h = [engine.encode(p) for p in harmful]
         _check_fits(ids_b + ids_h, reply_tokens, n_ctx)
 
-        def fires(ids):
+        def scores(ids):
             out = []
             for i in range(0, len(ids), batch_size):
                 ps = engine.start(ids[i:i + batch_size], read_rows=True)
-                out += [bool(mask.gate.fires(p.row[where])) for p in ps]
-            return out
+                out += [float(mask.gate.score(p.row[where])) for p in ps]
+            return np.array(out)
 
-        fired_b, fired_h = fires(ids_b), fires(ids_h)
+        score_b, score_h = scores(ids_b), scores(ids_h)
+        fired_b, fired_h = score_b >= mask.gate.threshold, score_h >= mask.gate.threshold
         neutral = engine.encode(NEUTRAL_INSTRUCTION)
 
         def fluency(replies):
@@ -251,12 +272,14 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
 
         b_idx = [i for i, f in enumerate(fired_b) if f]
         h_idx = [i for i, f in enumerate(fired_h) if f]
+        fire_rate = benign_fire_rate(fired_b, mask.gate.info)
+        stand_ins = false_positive_stand_ins(score_b, mask.gate.threshold)
         refs = _references(engine, ids_b, reply_tokens)  # unsteered benign replies: references and fluency scale
         replies_b = refs.replies
         reference_fluency = float(np.mean(fluency([r for r in replies_b if r])))
         say(f"calibration (gated): the gate fires on {len(h_idx)} of {len(ids_h)} harmful and {len(b_idx)} of "
-            f"{len(ids_b)} benign calibration prompts; unsteered answers read at {reference_fluency:.2f} nats/token "
-            f"({time.perf_counter() - started:.0f} s)")
+            f"{len(ids_b)} benign calibration prompts (benign rate used: {fire_rate:.3f}); unsteered answers read at "
+            f"{reference_fluency:.2f} nats/token ({time.perf_counter() - started:.0f} s)")
         if not h_idx:
             raise CalibrationError("the gate fires on none of the harmful calibration prompts, so no strength can be "
                                    "calibrated. Fix: a higher --gate-fpr, or --multiplier.")
@@ -265,9 +288,8 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
         def measure(m: float) -> dict:
             t0 = time.perf_counter()
             engine.phase = lambda name: llm.set_mask(mask, m if steered_in(schedule, name) else 1.0, "all", gate=False)
-            qs, kls = _quality_and_kl(engine, ids_b, refs, b_idx)
-            qs += [1.0] * (len(ids_b) - len(b_idx))  # closed: served unsteered, quality 1 and KL 0 exactly
-            kls += [0.0] * (len(ids_b) - len(b_idx))
+            qs, kls = _quality_and_kl(engine, ids_b, refs, stand_ins)  # what a false positive costs
+            q_fired, kl_fired = (float(np.mean(qs)) if qs else 1.0), float(np.mean(kls))
             steered = []
             for i in range(0, len(h_idx), batch_size):
                 g = h_idx[i:i + batch_size]
@@ -276,12 +298,15 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
             engine.phase = lambda name: None
             llm.steering.clear()
             flu = fluency([t for t in steered if t])
-            row = {"multiplier": m, "quality": float(np.mean(qs)), "kl": float(np.mean(kls)), "degenerate": degenerate,
+            # closed: served unsteered, quality 1 and KL 0 exactly
+            row = {"multiplier": m, "quality": 1.0 - fire_rate * (1.0 - q_fired), "kl": fire_rate * kl_fired,
+                   "quality_if_fired": q_fired, "kl_if_fired": kl_fired, "degenerate": degenerate,
                    "fluency_nll": float(np.mean(flu)) if flu else None, "seconds": round(time.perf_counter() - t0, 1)}
             row["passes"] = (row["quality"] >= min_quality and row["kl"] <= max_kl and degenerate <= max_degenerate
                              and row["fluency_nll"] is not None and row["fluency_nll"] <= fluency_slack * reference_fluency)
             tried[m] = row
-            say(f"calibration (gated): multiplier {m:g}: benign quality {row['quality']:.3f}, KL {row['kl']:.3f}; "
+            say(f"calibration (gated): multiplier {m:g}: benign quality {row['quality']:.3f}, KL {row['kl']:.3f} expected "
+                f"({q_fired:.3f}, {kl_fired:.3f} where fired); "
                 f"harmful replies {degenerate:.0%} degenerate, {row['fluency_nll'] or float('nan'):.2f} nats/token "
                 f"-> {'ok' if row['passes'] else 'too strong'} ({row['seconds']:.0f} s)")
             return row
@@ -297,11 +322,14 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
                                "--multiplier, or make a more selective mask.")
     best = tried[chosen]
     record = {
-        "rule": (f"gated: strongest multiplier with benign likelihood quality >= {min_quality:g} and first-token KL <= "
-                 f"{max_kl:g} through the gate, and on the harmful prompts the gate fires on at most {max_degenerate:.0%} "
-                 f"degenerate replies and a neutral-instruction NLL <= {fluency_slack:g} x the unsteered answers'"),
+        "rule": (f"gated: strongest multiplier with expected benign likelihood quality >= {min_quality:g} and first-token "
+                 f"KL <= {max_kl:g} through the gate (the rate it fires on benign prompts x the cost where it fires, "
+                 f"measured on the benign prompts it fires on and the top quarter by gate score), and on the harmful "
+                 f"prompts it fires on at most {max_degenerate:.0%} degenerate replies and a neutral-instruction NLL <= "
+                 f"{fluency_slack:g} x the unsteered answers'"),
         "chosen": chosen, "quality": round(best["quality"], 4), "kl": round(best["kl"], 4),
         "degenerate": best["degenerate"], "fluency_nll": best["fluency_nll"], "reference_fluency_nll": reference_fluency,
         "n_prompts": len(ids_b), "n_harmful": len(ids_h), "gate_fired_benign": len(b_idx), "gate_fired_harmful": len(h_idx),
+        "benign_fire_rate": fire_rate, "benign_cost_prompts": len(stand_ins),
     }
     return _result(record, tried, chosen, lowest, step, schedule, reply_tokens, prompt_source, started)

@@ -54,3 +54,22 @@ def test_a_mask_that_fails_at_every_strength_is_reported(model):
         # every neuron of every layer: even 0.5 moves a random model's replies
         calibrate(model, make_mask(fp), PROMPTS, reply_tokens=8, batch_size=3, n_threads=1, n_ctx=256,
                   lowest=-1.0, step=0.5, min_quality=0.9999, max_kl=1e-6)
+
+
+def test_a_gate_that_fired_on_no_benign_calibration_prompt_still_counts_its_false_positive_rate():
+    """20 prompts with no false positive must not promise that none ever fires: the out-of-fold rate stands."""
+    from cna_local.calibration import benign_fire_rate
+
+    info = {"out_of_fold": {"fpr": 0.03}, "fpr_target": 0.05}
+    assert benign_fire_rate([False] * 20, info) == 0.03
+    assert benign_fire_rate([True] + [False] * 9, info) == 0.1  # more seen here: that
+    assert benign_fire_rate([False] * 20, {"fpr_target": 0.05}) == 0.05  # no out-of-fold record: the target
+
+
+def test_the_false_positive_stand_ins_are_the_fired_prompts_and_the_top_quarter():
+    from cna_local.calibration import false_positive_stand_ins
+
+    scores = [1.0, 9.0, 3.0, 8.0, 2.0, 7.0, 0.0, 12.0]
+    assert false_positive_stand_ins(scores, threshold=11.0) == [1, 7]  # fired: 7; top quarter: 7 and 1
+    assert false_positive_stand_ins(scores, threshold=2.5) == [1, 2, 3, 5, 7]  # every fired one is kept
+    assert false_positive_stand_ins([5.0], threshold=9.0) == [0]  # at least one
