@@ -2,7 +2,8 @@
 CNA_TEST_GPU=1 (a CUDA or Metal build; `tools/device_check.sh` runs the suites that read this on one).
 
 The suites that read it are the ones that prove the mask, the capture and the gate by comparison:
-test_runtime_exactness, test_capture, test_runtime_gate and test_attribution_devices.
+test_runtime_exactness, test_capture and test_runtime_gate. (test_attribution_devices' CUDA tests are the
+torch backend's: they run wherever torch sees a GPU.)
 """
 
 from __future__ import annotations
