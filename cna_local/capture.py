@@ -8,7 +8,10 @@ nodes and hands them over while they are still in memory, on any backend. Nothin
   * where a set needs it, the per-neuron sum of squares over all its tokens accumulates in llama.cpp.
 
 The model runs quantized, in the memory its file takes: no float32 copy. Prompts are packed whole, several
-sequences per decode, each decode from an empty KV cache, so a prompt sees what it would alone. The result
+sequences per decode, each decode from an empty KV cache, so a prompt sees what it would alone. The tokens
+every prompt of a set begins with (the chat template's system turn: 24 of the default model's 42 tokens a
+prompt) are decoded once, and each sequence of a decode starts from a copy of their KV cells; their values
+are the same for every prompt, so their all-token sums count once per prompt. The result
 is the torch backend's `ActivationStats`, so every score, the layer range and the universal filter work on
 either backend. Numbers differ from torch's by the quantized matmuls' rounding (llama.cpp rounds the
 activations to the weights' dot-product type; tests/test_capture.py derives the bound).
@@ -32,6 +35,8 @@ DEFAULT_TOKEN_BUDGET = 128
 decode that sums squares over all tokens asks for logits on all of them (n_vocab floats each, twice:
 the graph's and the context's buffer), so the budget bounds that memory."""
 MAX_SEQS = 64
+MIN_SHARED_PREFIX = 4
+"""Shorter common prefixes are decoded with each prompt: an extra decode would cost more than it saves."""
 
 
 class CaptureError(CnaLocalError):
@@ -44,7 +49,8 @@ class LlamaSource:
     backend = "llama"
 
     def __init__(self, path: str | Path, *, chat_template: bool = True, token_budget: int = DEFAULT_TOKEN_BUDGET,
-                 n_threads: int | None = None, n_gpu_layers: int = 0, use_cache: bool = True):
+                 n_threads: int | None = None, n_gpu_layers: int = 0, use_cache: bool = True,
+                 share_prefix: bool = True):
         from .fingerprint import fingerprint_from_gguf
 
         self.source = Path(path)
@@ -57,6 +63,8 @@ class LlamaSource:
         self.llm = None
         self._down = None
         self.budget = int(token_budget)
+        self.share_prefix = share_prefix
+        self.shared_prefix = 0  # tokens decoded once for the whole set by the last collect
         self._open(self.budget)
 
     # -- the context
@@ -134,6 +142,10 @@ class LlamaSource:
                                f"this {n_layer}-layer model needs {n_layer * n_ff} and {n_layer * n_embd}. "
                                "Models with a different FFN width per layer are not supported.")
         mem = llama_cpp.llama_get_memory(ctx)
+        limit = int(llama_cpp.llama_n_seq_max(ctx))
+        shared = self._common_prefix(encoded) if self.share_prefix and limit > 1 else 0
+        self.shared_prefix = shared
+        prefix_seq = limit - 1  # the prefix's cells live in the last sequence; prompts use the others
         batch = llama_cpp.llama_batch_init(self.budget, 0, 1)
         own_bar = None
         if bar is None:
@@ -141,35 +153,53 @@ class LlamaSource:
 
             bar = own_bar = tqdm(total=len(encoded), desc=desc, unit="prompt", file=sys.stderr,
                                  disable=not progress, leave=False)
+
+        def decode(seqs_tokens, n_group):
+            """Decode [(seq, ids, first position)] and take the capture's rows: (seq ids, ffn, resid)."""
+            n = 0
+            for seq, ids, start in seqs_tokens:
+                for k, token in enumerate(ids):
+                    batch.token[n] = token
+                    batch.pos[n] = start + k
+                    batch.n_seq_id[n] = 1
+                    batch.seq_id[n][0] = seq
+                    batch.logits[n] = token_stats or k == len(ids) - 1
+                    n += 1
+            batch.n_tokens = n
+            rc = llama_cpp.llama_decode(ctx, batch)
+            if rc != 0:
+                raise CaptureError(f"llama_decode failed with code {rc} on {n_group} prompts of {n} tokens.")
+            status = lib.llama_ffn_capture_status(ctx)
+            if status != 0:
+                raise CaptureError(f"llama.cpp could not capture the activations: {binding.CAPTURE_MESSAGES.get(status, status)}.")
+            seqs = np.zeros(n_group, np.int32)
+            ffn = np.empty((n_group, n_layer * n_ff), np.float32)
+            res = np.empty((n_group, n_layer * n_embd), np.float32)
+            got = lib.llama_ffn_capture_take_rows(
+                ctx, seqs.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                ffn.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                res.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n_group)
+            if got != n_group:
+                raise CaptureError(f"llama.cpp returned {got} rows for {n_group} sequences (sequences {seqs.tolist()}).")
+            return seqs, ffn, res
+
         try:
+            llama_cpp.llama_memory_clear(mem, True)
+            prefix_sumsq = None
+            if shared:
+                decode([(prefix_seq, encoded[0][:shared], 0)], 1)  # its row is not a prompt's: dropped
+                if token_stats:
+                    prefix_sumsq = np.zeros(n_layer * n_ff, np.float64)
+                    lib.llama_ffn_capture_sumsq(ctx, prefix_sumsq.ctypes.data_as(ctypes.POINTER(ctypes.c_double)))
+            capacity = self.budget - shared  # the prefix's cells stay in the cache
             order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths pack well
-            for group in self._packs([encoded[i] for i in order], order):
-                llama_cpp.llama_memory_clear(mem, True)
-                n = 0
-                for seq, (_, ids) in enumerate(group):
-                    for pos, token in enumerate(ids):
-                        batch.token[n] = token
-                        batch.pos[n] = pos
-                        batch.n_seq_id[n] = 1
-                        batch.seq_id[n][0] = seq
-                        batch.logits[n] = token_stats or pos == len(ids) - 1
-                        n += 1
-                batch.n_tokens = n
-                rc = llama_cpp.llama_decode(ctx, batch)
-                if rc != 0:
-                    raise CaptureError(f"llama_decode failed with code {rc} on {len(group)} prompts of {n} tokens.")
-                status = lib.llama_ffn_capture_status(ctx)
-                if status != 0:
-                    raise CaptureError(f"llama.cpp could not capture the activations: {binding.CAPTURE_MESSAGES.get(status, status)}.")
-                seqs = np.zeros(len(group), np.int32)
-                ffn = np.empty((len(group), n_layer * n_ff), np.float32)
-                res = np.empty((len(group), n_layer * n_embd), np.float32)
-                got = lib.llama_ffn_capture_take_rows(
-                    ctx, seqs.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-                    ffn.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-                    res.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), len(group))
-                if got != len(group) or sorted(seqs.tolist()) != list(range(len(group))):
-                    raise CaptureError(f"llama.cpp returned {got} rows for {len(group)} prompts (sequences {seqs.tolist()}).")
+            for group in self._packs([encoded[i][shared:] for i in order], order, capacity, limit - (1 if shared else 0)):
+                for seq in range(len(group)):
+                    if shared:
+                        llama_cpp.llama_memory_seq_cp(mem, prefix_seq, seq, 0, shared)
+                seqs, ffn, res = decode([(seq, ids, shared) for seq, (_, ids) in enumerate(group)], len(group))
+                if sorted(seqs.tolist()) != list(range(len(group))):
+                    raise CaptureError(f"llama.cpp returned rows for sequences {seqs.tolist()}, not 0..{len(group) - 1}.")
                 acts = np.empty((len(group), n_layer, n_ff), np.float64)
                 acts[seqs] = ffn.reshape(len(group), n_layer, n_ff)
                 if not np.isfinite(acts).all():
@@ -180,13 +210,18 @@ class LlamaSource:
                 resid_sum += res.reshape(len(group), n_layer, n_embd).astype(np.float64).sum(axis=0)
                 if values is not None:
                     values[[i for i, _ in group]] = acts.astype(np.float32)
+                for seq in range(len(group)):  # drop the prompts' cells, keep the prefix's
+                    llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)
                 bar.update(len(group))
             token_sumsq, n_tokens = None, sum(len(ids) for ids in encoded)
             if token_stats:
                 sums = np.zeros(n_layer * n_ff, np.float64)
                 summed = lib.llama_ffn_capture_sumsq(ctx, sums.ctypes.data_as(ctypes.POINTER(ctypes.c_double)))
-                if summed != n_tokens:
-                    raise CaptureError(f"llama.cpp summed {summed} tokens, the prompts hold {n_tokens}.")
+                repeats = len(encoded) - 1 if shared else 0  # the prefix was decoded once, for every prompt
+                if summed + repeats * shared != n_tokens:
+                    raise CaptureError(f"llama.cpp summed {summed} tokens, the prompts hold {n_tokens - repeats * shared}.")
+                if shared:
+                    sums += repeats * prefix_sumsq
                 token_sumsq = sums.reshape(n_layer, n_ff)
         finally:
             llama_cpp.llama_batch_free(batch)
@@ -197,14 +232,23 @@ class LlamaSource:
         return ActivationStats(n=len(encoded), sum=total, sumsq=total_sq, values=values,
                                n_tokens=n_tokens if token_stats else 0, token_sumsq=token_sumsq, resid_sum=resid_sum)
 
-    def _packs(self, encoded: list[list[int]], index: list[int]):
-        """Groups of (prompt index, ids), whole prompts, at most budget tokens and n_seq_max sequences each."""
-        import llama_cpp
+    @staticmethod
+    def _common_prefix(encoded: list[list[int]]) -> int:
+        """Tokens every prompt begins with, leaving each at least its last token; 0 when too few to pay."""
+        if len(encoded) < 2:
+            return 0
+        first, shortest = encoded[0], min(len(ids) for ids in encoded)
+        n = 0
+        while n < shortest - 1 and all(ids[n] == first[n] for ids in encoded):
+            n += 1
+        return n if n >= MIN_SHARED_PREFIX else 0
 
-        limit = int(llama_cpp.llama_n_seq_max(self.llm.ctx))
+    @staticmethod
+    def _packs(encoded: list[list[int]], index: list[int], capacity: int, limit: int):
+        """Groups of (prompt index, ids), whole prompts, at most capacity tokens and limit sequences each."""
         group, used = [], 0
         for i, ids in zip(index, encoded):
-            if group and (used + len(ids) > self.budget or len(group) == limit):
+            if group and (used + len(ids) > capacity or len(group) == limit):
                 yield group
                 group, used = [], 0
             group.append((i, ids))

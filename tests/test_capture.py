@@ -75,6 +75,27 @@ def test_packing_prompts_into_decodes_does_not_change_what_each_prompt_gives(tin
     np.testing.assert_allclose(b.token_sumsq, a.token_sumsq, rtol=tol)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_prompts_common_prefix_is_decoded_once_and_changes_nothing(tiny_gguf, arch):
+    """The chat template's system turn begins every prompt: its KV cells are computed once and copied to each
+    sequence, and its all-token sums count once per prompt. Every statistic equals decoding each prompt whole."""
+    gguf = tiny_gguf(arch)
+    shared = LlamaSource(gguf, n_gpu_layers=N_GPU_LAYERS)
+    whole = LlamaSource(gguf, share_prefix=False, n_gpu_layers=N_GPU_LAYERS)
+    try:
+        a = shared.collect(PROMPTS, keep=True, progress=False)
+        b = whole.collect(PROMPTS, keep=True, progress=False)
+        assert shared.shared_prefix >= 4 and whole.shared_prefix == 0  # the template's turn was shared
+        assert a.n_tokens == b.n_tokens
+    finally:
+        shared.close()
+        whole.close()
+    tol = 1e-2 if N_GPU_LAYERS else 1e-5  # as for packing: only the batch shapes differ
+    np.testing.assert_allclose(a.values, b.values, rtol=0, atol=tol * np.abs(b.values).max())
+    np.testing.assert_allclose(a.token_sumsq, b.token_sumsq, rtol=tol)
+    np.testing.assert_allclose(a.resid_mean, b.resid_mean, rtol=0, atol=tol * np.abs(b.resid_mean).max())
+
+
 def test_a_prompt_longer_than_the_token_budget_widens_the_context(tiny_gguf):
     source = LlamaSource(tiny_gguf("llama"), token_budget=16, n_gpu_layers=N_GPU_LAYERS)
     try:

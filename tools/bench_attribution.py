@@ -11,6 +11,11 @@ figures are the attribution's alone, 120 + 120 bundled prompts by default.
 
     python tools/bench_attribution.py                           # the default 0.5B model, both backends
     python tools/bench_attribution.py --model qwen-coder-1.5b --json bench.json
+    python tools/bench_attribution.py --lib native=/tmp/build-native/site/cna_local/lib   # + another llama.cpp build
+
+`--lib LABEL=DIR` adds a llama row run on the patched libraries in DIR (LLAMA_CPP_LIB_PATH), e.g. a
+`-DGGML_NATIVE=ON` build, side by side with the installed one; each row records the build's CPU features
+(llama_print_system_info).
 """
 
 from __future__ import annotations
@@ -42,7 +47,21 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_attribute(model: Path, backend: str, cache: Path, out: Path, n: int | None) -> dict:
+def _lib_env(lib: Path | None) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if lib is not None:
+        env["LLAMA_CPP_LIB_PATH"] = str(lib)
+    return env
+
+
+def system_info(lib: Path | None) -> str:
+    """The CPU features the llama.cpp build in use was compiled for, as llama.cpp prints them."""
+    code = "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_lib_env(lib))
+    return proc.stdout.strip() if proc.returncode == 0 else f"unknown ({proc.stderr.strip()[-200:]})"
+
+
+def run_attribute(model: Path, backend: str, cache: Path, out: Path, n: int | None, lib: Path | None = None) -> dict:
     """One `cna-local attribute` in a child process: its summary, wall time and peak RSS."""
     args = [sys.executable, "-m", "cna_local.cli", "attribute", "--model", str(model), "--backend", backend,
             "--multiplier", "-1.5", "--out", str(out), "--json", "-q"]
@@ -54,7 +73,7 @@ def run_attribute(model: Path, backend: str, cache: Path, out: Path, n: int | No
         for name, side in (("harmful_train", "pos"), ("benign_train", "neg")):
             (prompts / f"{side}.txt").write_text("\n".join(load_bundled(name).prompts[:n]) + "\n")
         args += ["--positive", str(prompts / "pos.txt"), "--negative", str(prompts / "neg.txt")]
-    env = {**os.environ, "CNA_LOCAL_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    env = {**_lib_env(lib), "CNA_LOCAL_CACHE": str(cache)}
     t0 = time.perf_counter()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     stdout, stderr = proc.communicate()
@@ -65,16 +84,17 @@ def run_attribute(model: Path, backend: str, cache: Path, out: Path, n: int | No
     return {"summary": summary, "wall_seconds": round(wall, 1)}
 
 
-def measured(model: Path, backend: str, cache: Path, out: Path, n: int | None) -> dict:
+def measured(model: Path, backend: str, cache: Path, out: Path, n: int | None, lib: Path | None = None) -> dict:
     """run_attribute in a fresh intermediate process, whose RUSAGE_CHILDREN peak is then that one command's."""
     code = ("import json, os, sys, subprocess; sys.path.insert(0, sys.argv[1]); "
             "import bench_attribution as b; from pathlib import Path; "
             "r = b.run_attribute(Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), Path(sys.argv[5]), "
-            "None if sys.argv[6] == '-' else int(sys.argv[6])); "
+            "None if sys.argv[6] == '-' else int(sys.argv[6]), Path(sys.argv[7]) if sys.argv[7] != '-' else None); "
             "import resource; r['peak_rss_mb'] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024); "
             "print(json.dumps(r))")
     proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(model), backend, str(cache),
-                           str(out), "-" if n is None else str(n)], capture_output=True, text=True)
+                           str(out), "-" if n is None else str(n), "-" if lib is None else str(lib)],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -93,32 +113,45 @@ def jaccard(a_path: Path, b_path: Path) -> float:
 @click.option("--model", default="default", show_default=True, help="A .gguf file or a named model.")
 @click.option("--backends", default="llama,torch", show_default=True)
 @click.option("--n", type=int, default=None, help="Prompts per side (default: the bundled sets whole, 120 + 120).")
+@click.option("--lib", "libs", multiple=True, metavar="LABEL=DIR",
+              help="Also run the llama backend on the patched libraries in DIR, as row llama[LABEL]. Repeatable.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def main(model, backends, n, json_out):
+def main(model, backends, n, libs, json_out):
     model_path = resolve_model(model)
-    backends = backends.split(",")
+    runs = [(b, b, None) for b in backends.split(",")]  # (row label, backend, library directory)
+    for spec in libs:
+        label, sep, directory = spec.partition("=")
+        if not sep or not any(Path(directory).glob("libllama*")):
+            raise click.BadParameter(f"{spec!r}: expected LABEL=DIR with DIR holding a patched libllama", param_hint="--lib")
+        runs.insert(1 if runs[0][1] == "llama" else 0, (f"llama[{label}]", "llama", Path(directory).resolve()))
     report = {"model": str(model_path), "model_bytes": model_path.stat().st_size, "cpu": _cpu_name(),
-              "cores": os.cpu_count(), "runs": []}
+              "cores": os.cpu_count(), "runs": [],
+              "builds": {label: system_info(lib) for label, backend, lib in runs if backend == "llama"}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         masks = {}
-        for backend in backends:
-            cache = tmp / f"cache-{backend}"  # each backend starts from its own empty cache
+        for i, (label, backend, lib) in enumerate(runs):
+            cache = tmp / f"cache-{i}"  # each row starts from its own empty cache
             for state in ("cold", "warm"):
-                out = tmp / f"{backend}-{state}.gguf"
-                r = measured(model_path, backend, cache, out, n)
+                out = tmp / f"{i}-{state}.gguf"
+                r = measured(model_path, backend, cache, out, n, lib)
                 s = r["summary"]
-                row = {"backend": backend, "cache": state, "wall_seconds": r["wall_seconds"],
+                row = {"backend": label, "cache": state, "wall_seconds": r["wall_seconds"],
                        "peak_rss_mb": r["peak_rss_mb"], "seconds": s["seconds"], "n_neurons": s["n_neurons"],
                        "prompts": s["selection"]["positive"]["n"] + s["selection"]["negative"]["n"]}
                 report["runs"].append(row)
-                masks[backend] = out
-                click.echo(f"{backend:>5} {state}: {row['wall_seconds']:7.1f} s, peak RSS {row['peak_rss_mb'] / 1024:5.2f} GB, "
+                masks[label] = out
+                click.echo(f"{label:>5} {state}: {row['wall_seconds']:7.1f} s, peak RSS {row['peak_rss_mb'] / 1024:5.2f} GB, "
                            f"{row['n_neurons']} neurons ({s['seconds']})", err=True)
-        if len(masks) == 2:
-            report["jaccard"] = round(jaccard(*masks.values()), 4)
+        if "llama" in masks and "torch" in masks:
+            report["jaccard"] = round(jaccard(masks["llama"], masks["torch"]), 4)
+        report["jaccard_to_llama"] = {label: round(jaccard(masks["llama"], path), 4)
+                                      for label, path in masks.items() if label.startswith("llama[") and "llama" in masks}
     gb = report["model_bytes"] / 1e9
-    click.echo(f"\n{Path(report['model']).name} ({gb:.2f} GB), {report['cpu']}, {report['cores']} cores\n")
+    click.echo(f"\n{Path(report['model']).name} ({gb:.2f} GB), {report['cpu']}, {report['cores']} cores")
+    for label, info in report["builds"].items():
+        click.echo(f"  {label}: {info}")
+    click.echo()
     click.echo("| Backend | Cache | Wall time | Peak RSS | Neurons |")
     click.echo("|---|---|---|---|---|")
     for row in report["runs"]:
@@ -126,6 +159,8 @@ def main(model, backends, n, json_out):
                    f"{row['peak_rss_mb'] / 1024:.2f} GB | {row['n_neurons']} |")
     if "jaccard" in report:
         click.echo(f"\nJaccard of the two backends' masks: {report['jaccard']}")
+    for label, value in report["jaccard_to_llama"].items():
+        click.echo(f"Jaccard of {label}'s mask to the installed build's: {value}")
     if json_out:
         json_out.write_text(json.dumps(report, indent=2))
 
