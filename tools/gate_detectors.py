@@ -1,0 +1,124 @@
+"""Study (not a test): how well gate detectors separate held-out positive from negative prompts, offline.
+
+The gate a mask carries is a diagonal linear discriminant on the mask's own neurons at the last prompt
+token (cna_local/gate.py). This asks whether another neuron set would detect better: the top k neurons of
+every layer by |t| (mean difference over pooled standard deviation). Everything is read once with the
+llama backend's capture (no generation), so a detector is judged in seconds:
+
+  * out of fold on the discovery sets (5 stratified folds; the neurons AND the direction chosen inside each
+    fold), which is where `attribute` chooses the threshold for --gate-fpr;
+  * on the held-out sets, with that threshold and the direction and neurons fitted on all discovery prompts.
+
+With --baseline-eval (an `eval --json` file of the same held-out sets) it also counts the held-out harmful
+prompts the unsteered model refuses and the gate misses: no strength can change those.
+
+    python tools/gate_detectors.py --model qwen-coder-1.5b --mask MASK.gguf --baseline-eval EVAL.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cna_local.gate import auc, choose_threshold, direction, row_columns  # noqa: E402
+
+
+def top_t(k: int):
+    def select(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+        pooled = (pos.var(0) * len(pos) + neg.var(0) * len(neg)) / (len(pos) + len(neg) - 2)
+        t = (pos.mean(0) - neg.mean(0)) / (np.sqrt(pooled) + 1e-6)
+        return np.argsort(-np.abs(t))[:k]
+    return select
+
+
+def judge(select, pos, neg, held_pos, held_neg, fprs, refused, folds=5, seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    fold_pos, fold_neg = rng.permutation(len(pos)) % folds, rng.permutation(len(neg)) % folds
+    s_pos, s_neg = np.zeros(len(pos)), np.zeros(len(neg))
+    for f in range(folds):
+        p, n = pos[fold_pos != f], neg[fold_neg != f]
+        cols = select(p, n)
+        w = direction(p[:, cols], n[:, cols], "lda")
+        s_pos[fold_pos == f] = pos[fold_pos == f][:, cols] @ w
+        s_neg[fold_neg == f] = neg[fold_neg == f][:, cols] @ w
+    cols = select(pos, neg)
+    w = direction(pos[:, cols], neg[:, cols], "lda")
+    h_pos, h_neg = held_pos[:, cols] @ w, held_neg[:, cols] @ w
+    out = {"out_of_fold_auc": round(auc(s_pos, s_neg), 4), "held_out_auc": round(auc(h_pos, h_neg), 4), "at": {}}
+    for fpr in fprs:
+        thr = choose_threshold(s_pos, s_neg, fpr)
+        row = {"oof_tpr": round(float((s_pos >= thr).mean()), 3), "oof_fpr": round(float((s_neg >= thr).mean()), 3),
+               "held_out_tpr": round(float((h_pos >= thr).mean()), 3),
+               "held_out_fpr": round(float((h_neg >= thr).mean()), 3)}
+        if refused is not None:
+            row["refused_missed"] = int(np.sum(refused & (h_pos < thr)))
+        out["at"][str(fpr)] = row
+    return out
+
+
+@click.command()
+@click.option("--model", default="default", show_default=True, help="A .gguf file or a named model.")
+@click.option("--mask", "mask_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The mask whose gate is the baseline detector (made from the same discovery sets).")
+@click.option("--positive", default="harmful_train", show_default=True)
+@click.option("--negative", default="benign_train", show_default=True)
+@click.option("--negative-n", type=int, default=100, show_default=True,
+              help="Discovery negatives (attribute holds the last 20 out for calibration).")
+@click.option("--held-positive", default="harmful_heldout", show_default=True)
+@click.option("--held-negative", default="benign_heldout", show_default=True)
+@click.option("--k", "ks", default="251,1000,3000,10000", show_default=True, help="Neuron counts for the top-|t| detectors.")
+@click.option("--fpr", "fprs", default="0.05,0.02", show_default=True)
+@click.option("--baseline-eval", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="An `eval --json` file of the held-out sets: count the refused prompts each gate misses.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def main(model, mask_path, positive, negative, negative_n, held_positive, held_negative, ks, fprs, baseline_eval, json_out):
+    from cna_local.capture import LlamaSource
+    from cna_local.maskfile import NeuronMask
+    from cna_local.models import resolve_model
+    from cna_local.prompts import load_bundled
+
+    mask = NeuronMask.load(mask_path)
+    source = LlamaSource(resolve_model(model))
+    t0 = time.perf_counter()
+    values = {}
+    for key, name, n in (("pos", positive, None), ("neg", negative, negative_n), ("held_pos", held_positive, None),
+                         ("held_neg", held_negative, None)):
+        prompts = load_bundled(name).prompts[:n]
+        v = source.collect(prompts, token_stats=False, keep=True, desc=key).values
+        values[key] = v.reshape(len(v), -1).astype(np.float64)
+    n_ff = source.n_ff
+    source.close()
+    click.echo(f"read {sum(len(v) for v in values.values())} prompts in {time.perf_counter() - t0:.0f} s", err=True)
+    refused = None
+    if baseline_eval:
+        records = json.loads(baseline_eval.read_text())["baseline"]["records"]["harmful"]
+        refused = np.array([bool(r["refused"]) for r in records])
+        if len(refused) != len(values["held_pos"]):
+            raise click.BadParameter(f"{len(refused)} harmful records against {len(values['held_pos'])} held-out prompts",
+                                     param_hint="--baseline-eval")
+    fpr_list = [float(x) for x in fprs.split(",")]
+    cols = row_columns(mask.layers, mask.neurons, n_ff)
+    detectors = [(f"the mask's {len(cols)} neurons (the stored gate's kind)", lambda p, n: cols)]
+    detectors += [(f"top {k} by |t|, every layer", top_t(int(k))) for k in ks.split(",")]
+    report = {"model": model, "mask": str(mask_path), "rows": []}
+    for label, select in detectors:
+        r = judge(select, values["pos"], values["neg"], values["held_pos"], values["held_neg"], fpr_list, refused)
+        report["rows"].append({"detector": label, **r})
+        at = "; ".join(f"fpr {f}: oof {a['oof_tpr']:.2f}/{a['oof_fpr']:.2f}, held-out {a['held_out_tpr']:.2f}/"
+                       f"{a['held_out_fpr']:.3f}" + (f", refused missed {a['refused_missed']}" if "refused_missed" in a else "")
+                       for f, a in r["at"].items())
+        click.echo(f"{label}: AUC oof {r['out_of_fold_auc']:.3f}, held-out {r['held_out_auc']:.3f}; {at} (tpr/fpr)")
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
