@@ -55,6 +55,9 @@ class AttributionOptions:
     gate: bool = True
     gate_fpr: float = DEFAULT_FPR
     gate_method: str = DEFAULT_METHOD
+    # which neurons the gate reads: "auto" (its own, as many as the mask holds, the best by |t| over every
+    # layer: fewer misses on held-out prompts, REPORT.md section 8), "mask" (the mask's), or a count
+    gate_neurons: str | int = "auto"
 
 
 @dataclass
@@ -64,6 +67,21 @@ class AttributionResult:
     n_universal_removed: int = 0  # of those, how many the unfiltered top k held
     gate_note: str | None = None  # why no gate was fitted where one was asked for
     seconds: dict = field(default_factory=dict)
+
+
+def gate_neuron_count(choice, n_mask: int) -> int | None:
+    """How many neurons of its own the gate reads (None: the mask's) for --gate-neurons auto|mask|N."""
+    if choice in (None, "auto"):
+        return n_mask
+    if choice == "mask":
+        return None
+    try:
+        k = int(choice)
+    except (TypeError, ValueError):
+        k = 0
+    if k < 1:
+        raise GateError(f"--gate-neurons {choice!r} is not auto, mask or a positive count. Fix: pass auto, say.")
+    return k
 
 
 def score(pos: ActivationStats, neg: ActivationStats, method: str, down_weights: list | None = None) -> np.ndarray:
@@ -108,6 +126,8 @@ def attribute(
     candidates = (layer_range[1] - layer_range[0]) * n_ff
     if k > candidates:
         raise ScoringError(f"asked for {k} neurons but layers {layer_range[0]}-{layer_range[1] - 1} hold only {candidates}. Fix: lower --top-k/--top-fraction or widen --layers.")
+    if opts.gate:
+        gate_neuron_count(opts.gate_neurons, 1)  # a bad --gate-neurons fails before the forward passes
     if opts.gate and not 0.0 <= opts.gate_fpr < 1.0:
         raise GateError(f"the gate's false-positive rate must be in [0, 1), got {opts.gate_fpr}. Fix: pass --gate-fpr 0.05, say.")
     if opts.universal_filter:
@@ -171,9 +191,16 @@ def attribute(
         gate_note = f"no gate: fitting one out of fold needs 2 prompts in each set, got {pos_stats.n} and {neg_stats.n}"
     elif opts.gate:
         t0 = time.perf_counter()
-        rows = (selection.layers, selection.neurons)
-        gate = fit_gate(pos_stats.values[:, rows[0], rows[1]], neg_stats.values[:, rows[0], rows[1]],
-                        fpr=opts.gate_fpr, method=opts.gate_method, folds=folds)
+        own = gate_neuron_count(opts.gate_neurons, len(selection.layers))
+        if own is None:
+            rows = (selection.layers, selection.neurons)
+            gate = fit_gate(pos_stats.values[:, rows[0], rows[1]], neg_stats.values[:, rows[0], rows[1]],
+                            fpr=opts.gate_fpr, method=opts.gate_method, folds=folds)
+        else:  # every layer's values: the gate picks its own neurons
+            n = pos_stats.values.shape[1] * pos_stats.values.shape[2]
+            gate = fit_gate(pos_stats.values.reshape(pos_stats.n, n), neg_stats.values.reshape(neg_stats.n, n),
+                            fpr=opts.gate_fpr, method=opts.gate_method, folds=folds, own=own,
+                            n_ff=pos_stats.values.shape[2])
         seconds["gate"] = time.perf_counter() - t0
 
     fp = source.fingerprint()

@@ -230,7 +230,6 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
     from .evaluation import quality as Q
     from .evaluation.engine import Engine
     from .evaluation.schedule import NEUTRAL_INSTRUCTION
-    from .gate import row_columns
     from .schedules import steered_in
 
     if mask.gate is None:
@@ -242,7 +241,7 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
     started = time.perf_counter()
     llm = _steered_llm(model_path, batch_size, n_threads, n_ctx)
     n_ff = mask.n_ff
-    where = row_columns(mask.layers, mask.neurons, n_ff)
+    where = mask.gate.columns(mask.layers, mask.neurons, n_ff)
     engine = None
     try:
         llm.set_mask(mask, 1.0, "all", gate=False)  # checks that the mask belongs to the model before any work

@@ -1,7 +1,7 @@
-"""The gate: a detector on the mask's own neurons that says, per prompt, whether to steer it.
+"""The gate: a detector on neurons at the last prompt token that says, per prompt, whether to steer it.
 
 The neurons a mask names were chosen because, at the last prompt token, they separate the positive
-prompts from the negative ones. The gate turns that into a decision: a linear score over those neurons'
+prompts from the negative ones. The gate turns that into a decision: a linear score over neurons'
 unsteered values at the prompt's last token,
 
     score = sum_i w_i * x_i        fires when score >= threshold,
@@ -10,8 +10,14 @@ with w the difference of the class means, each neuron divided by its pooled vari
 discriminant: a neuron that varies a lot within each set counts less; `METHODS`). The threshold is set for
 a stated false-positive rate on the negative set, from out-of-fold scores: the prompts are split into
 `folds` parts and each part is scored by a gate fitted on the others, so the threshold is not chosen on
-scores a gate saw while fitting (the neurons themselves were chosen on all the prompts, which the
-held-out evaluation, not this, measures). A prompt whose gate stays closed runs unsteered, exactly.
+scores a gate saw while fitting. A prompt whose gate stays closed runs unsteered, exactly.
+
+Which neurons it reads: by default its own, the k (as many as the mask holds) that separate the sets best
+over every layer by |t| (mean difference over pooled standard deviation), chosen again inside each fold
+so the out-of-fold rates stay honest. They need not be steered to be read: the FFN capture hands over
+every layer's values at the last token. Measured on the held-out sets (REPORT.md section 8,
+tools/gate_detectors.py), that detector missed none of the 1.5B model's refused harmful prompts where
+the mask's own neurons missed 3, at the same false-positive rate. `neurons="mask"` reads the mask's.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ METHODS = ("lda", "mean_diff")
 DEFAULT_METHOD = "lda"
 DEFAULT_FPR = 0.05
 DEFAULT_FOLDS = 5
+GATE_NEURONS = ("own", "mask")
+"""own: the gate chooses its neurons (top |t| over every layer; the default); mask: the mask's neurons."""
 
 
 class GateError(CnaLocalError):
@@ -36,15 +44,48 @@ class GateError(CnaLocalError):
 
 @dataclass(frozen=True, eq=False)
 class Gate:
-    """weights: float32 [N], one per mask entry in the mask's (layer, neuron) order."""
+    """weights: float32 [N]. Without layers/neurons, one per mask entry in the mask's (layer, neuron)
+    order; with them, the gate's own neurons (sorted by layer, then neuron), which the mask need not hold."""
 
     weights: np.ndarray
     threshold: float
     info: dict = field(default_factory=dict)  # method, fpr target, out-of-fold rates, n prompts ...
+    layers: np.ndarray | None = None
+    neurons: np.ndarray | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "weights", np.asarray(self.weights, np.float32).reshape(-1))
         check_gate(self.weights, self.threshold, "this gate")
+        if (self.layers is None) != (self.neurons is None):
+            raise GateError("a gate's own neurons need both their layers and their indices.")
+        if self.layers is not None:
+            layers = np.asarray(self.layers, np.int32).reshape(-1)
+            neurons = np.asarray(self.neurons, np.int32).reshape(-1)
+            if not len(layers) == len(neurons) == len(self.weights):
+                raise GateError(f"the gate weighs {len(self.weights)} neurons but names {len(layers)} layers and "
+                                f"{len(neurons)} indices.")
+            if (layers < 0).any() or (neurons < 0).any():
+                raise GateError("the gate names a negative layer or neuron index.")
+            order = np.lexsort((neurons, layers))
+            layers, neurons = layers[order], neurons[order]
+            object.__setattr__(self, "weights", self.weights[order])
+            same = (np.diff(layers) == 0) & (np.diff(neurons) == 0)
+            if same.any():
+                i = int(np.flatnonzero(same)[0])
+                raise GateError(f"the gate names neuron {neurons[i]} of layer {layers[i]} twice.")
+            object.__setattr__(self, "layers", layers)
+            object.__setattr__(self, "neurons", neurons)
+
+    @property
+    def own(self) -> bool:
+        """Whether the gate reads neurons of its own (else the mask's)."""
+        return self.layers is not None
+
+    def columns(self, mask_layers: np.ndarray, mask_neurons: np.ndarray, n_ff: int) -> np.ndarray:
+        """Where the neurons it reads sit in a captured row (every layer's n_ff values, layers in order)."""
+        if self.own:
+            return row_columns(self.layers, self.neurons, n_ff)
+        return row_columns(mask_layers, mask_neurons, n_ff)
 
     def score(self, values: np.ndarray) -> np.ndarray:
         """Scores of values [..., N] (the mask's neurons at a prompt's last token), float64."""
@@ -101,15 +142,30 @@ def fold_ids(n_pos: int, n_neg: int, folds: int, seed: int) -> tuple[np.ndarray,
     return rng.permutation(n_pos) % folds, rng.permutation(n_neg) % folds
 
 
-def out_of_fold_scores(pos: np.ndarray, neg: np.ndarray, method: str, folds: int, seed: int = 0):
+def top_by_t(pos: np.ndarray, neg: np.ndarray, k: int) -> np.ndarray:
+    """Columns of the k values that separate pos [n, N] from neg [m, N] best by |t|, ascending."""
+    pooled = (pos.var(0) * len(pos) + neg.var(0) * len(neg)) / max(len(pos) + len(neg) - 2, 1)
+    t = (pos.mean(0) - neg.mean(0)) / (np.sqrt(pooled) + 1e-6)
+    k = min(int(k), t.size)
+    return np.sort(np.argpartition(-np.abs(t), k - 1)[:k])
+
+
+def out_of_fold_scores(pos: np.ndarray, neg: np.ndarray, method: str, folds: int, seed: int = 0, select=None):
     """Each prompt scored by a gate fitted without it (stratified folds): (pos scores, neg scores, the
-    folds' directions)."""
+    folds' directions). With select(pos, neg) -> columns, each fold also chooses its columns on its own
+    training prompts; its direction is then returned over all columns (zero elsewhere)."""
     fold_pos, fold_neg = fold_ids(len(pos), len(neg), folds, seed)
     s_pos, s_neg, directions = np.zeros(len(pos)), np.zeros(len(neg)), []
     for f in range(folds):
-        w = direction(pos[fold_pos != f], neg[fold_neg != f], method)
-        s_pos[fold_pos == f] = pos[fold_pos == f] @ w
-        s_neg[fold_neg == f] = neg[fold_neg == f] @ w
+        p, n = pos[fold_pos != f], neg[fold_neg != f]
+        cols = select(p, n) if select is not None else slice(None)
+        w = direction(p[:, cols], n[:, cols], method)
+        s_pos[fold_pos == f] = pos[fold_pos == f][:, cols] @ w
+        s_neg[fold_neg == f] = neg[fold_neg == f][:, cols] @ w
+        if select is not None:
+            full = np.zeros(pos.shape[1])
+            full[cols] = w
+            w = full
         directions.append(w)
     return s_pos, s_neg, directions
 
@@ -140,9 +196,13 @@ def choose_threshold(s_pos: np.ndarray, s_neg: np.ndarray, fpr: float) -> float:
 
 
 def fit_gate(pos: np.ndarray, neg: np.ndarray, fpr: float = DEFAULT_FPR, method: str = DEFAULT_METHOD,
-             folds: int = DEFAULT_FOLDS, seed: int = 0) -> Gate:
-    """A gate on values [n, N] of the mask's neurons at the last prompt token of each positive and negative
-    prompt; its threshold lets through at most `fpr` of the negative prompts' out-of-fold scores."""
+             folds: int = DEFAULT_FOLDS, seed: int = 0, own: int | None = None, n_ff: int | None = None) -> Gate:
+    """A gate on values [n, N] at the last prompt token of each positive and negative prompt; its threshold
+    lets through at most `fpr` of the negative prompts' out-of-fold scores.
+
+    own=None: the values are the mask's neurons'. own=k: the values are whole captured rows (every layer's
+    n_ff neurons, layers in order) and the gate reads the k that separate the sets best (`top_by_t`),
+    chosen inside each fold for the out-of-fold scores and on all prompts for the gate itself."""
     pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
     if pos.ndim != 2 or neg.ndim != 2 or pos.shape[1] != neg.shape[1]:
         raise GateError(f"gate values must be [prompts, neurons] for both sets; got {list(pos.shape)} and {list(neg.shape)}.")
@@ -152,22 +212,37 @@ def fit_gate(pos: np.ndarray, neg: np.ndarray, fpr: float = DEFAULT_FPR, method:
     if folds < 2 or min(len(pos), len(neg)) < folds:
         raise GateError(f"fitting a gate with {folds} folds needs at least {max(folds, 2)} prompts in each set; "
                         f"got {len(pos)} positive and {len(neg)} negative. Fix: give more prompts, or --no-gate.")
-    s_pos, s_neg, fold_directions = out_of_fold_scores(pos, neg, method, folds, seed)
+    select = None
+    if own is not None:
+        if n_ff is None or n_ff <= 0 or pos.shape[1] % n_ff:
+            raise GateError(f"a gate over its own neurons needs whole rows of n_ff values; got {pos.shape[1]} values "
+                            f"and n_ff {n_ff}.")
+        if own < 1:
+            raise GateError(f"a gate over its own neurons needs at least 1 neuron, not {own}.")
+        select = lambda p, n: top_by_t(p, n, own)  # noqa: E731
+    s_pos, s_neg, fold_directions = out_of_fold_scores(pos, neg, method, folds, seed, select)
     threshold = choose_threshold(s_pos, s_neg, fpr)
-    w = direction(pos, neg, method)
+    cols = select(pos, neg) if select is not None else np.arange(pos.shape[1])
+    w_cols = direction(pos[:, cols], neg[:, cols], method)
+    w = np.zeros(pos.shape[1])
+    w[cols] = w_cols
     # how much the direction moves when a fold is left out
     cos = [float(wf @ w / (np.linalg.norm(wf) * np.linalg.norm(w) + 1e-30)) for wf in fold_directions]
     tpr_oof = float((s_pos >= threshold).mean())
     fpr_oof = float((s_neg >= threshold).mean())
     info = {
         "method": method, "fpr_target": fpr, "folds": folds, "seed": seed,
-        "n_positive": len(pos), "n_negative": len(neg), "n_neurons": int(pos.shape[1]),
+        "n_positive": len(pos), "n_negative": len(neg), "n_neurons": int(len(cols)),
+        "neurons": "own: top |t| over every layer" if select is not None else "mask",
         "out_of_fold": {"tpr": round(tpr_oof, 4), "fpr": round(fpr_oof, 4), "auc": round(auc(s_pos, s_neg), 4)},
         "in_sample": {"tpr": round(float(((pos @ w) >= threshold).mean()), 4),
                       "fpr": round(float(((neg @ w) >= threshold).mean()), 4)},
         "fold_cosine_min": round(min(cos), 4),
     }
-    return Gate(w.astype(np.float32), float(threshold), info)
+    if select is None:
+        return Gate(w.astype(np.float32), float(threshold), info)
+    layers, neurons = np.divmod(cols, n_ff)
+    return Gate(w_cols.astype(np.float32), float(threshold), info, layers=layers, neurons=neurons)
 
 
 def row_columns(layers: np.ndarray, neurons: np.ndarray, n_ff: int) -> np.ndarray:

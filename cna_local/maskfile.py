@@ -19,7 +19,7 @@ Format v1 follows llama.cpp's adapter conventions (like LoRA GGUFs):
                                               "prompt" or "generation" (cna_local.schedules); absent = "all"
   adapter.neuron_mask.calibration        str  optional: JSON of how the default multiplier was chosen
   adapter.neuron_mask.gate_threshold     f32  optional (version 3): the gate fires when the weighted sum of
-                                              the mask's neurons at the prompt's last token is >= this
+                                              its neurons at the prompt's last token is >= this
   adapter.neuron_mask.gate               str  with it: JSON of how the gate was fitted (cna_local.gate)
   adapter.neuron_mask.static_multiplier  f32  optional (version 3): the default multiplier when the gate is
                                               not used (every prompt steered); `multiplier` is then the
@@ -27,7 +27,9 @@ Format v1 follows llama.cpp's adapter conventions (like LoRA GGUFs):
 
 A file whose schedule is "all" is written as version 1, so older readers still load it; one with
 another schedule is version 2, which older readers refuse by name instead of steering every position. A
-file with a gate is version 3, which older readers refuse by name instead of steering every prompt.
+file with a gate on the mask's neurons is version 3, which older readers refuse by name instead of
+steering every prompt; one whose gate reads neurons of its own is version 4, which version 3 readers
+refuse by name instead of reading the wrong neurons.
 
   per layer with neurons (named after the weight they act on):
   blk.{il}.ffn_down.weight.neuron_idx    I32 [n]  neuron indices, strictly ascending
@@ -37,6 +39,10 @@ file with a gate is version 3, which older readers refuse by name instead of ste
                                                  (t_i at m = 0, 1 at m = 1); without them, by m
   blk.{il}.ffn_down.weight.neuron_gate   F32 [n]  optional (version 3, all layers or none): the gate's
                                                  weight on each neuron
+
+  per layer where a version 4 gate reads neurons (its own; the mask need not hold any there):
+  blk.{il}.ffn_down.weight.neuron_gate_idx     I32 [g]  the neurons it reads, strictly ascending
+  blk.{il}.ffn_down.weight.neuron_gate_weight  F32 [g]  its weight on each
 """
 
 from __future__ import annotations
@@ -54,11 +60,13 @@ from .gate import Gate, GateError
 from .multipliers import check_multiplier
 from .schedules import SCHEDULES, check_schedule
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 ADAPTER_TYPE = "neuron_mask"
 KEY_PREFIX = f"adapter.{ADAPTER_TYPE}."
 GGUF_MAGIC = b"GGUF"
-_TENSOR_RE = re.compile(r"^blk\.(\d+)\.ffn_down\.weight\.neuron_(idx|score|scale|gate)$")
+_TENSOR_RE = re.compile(r"^blk\.(\d+)\.ffn_down\.weight\.neuron_(idx|score|scale|gate|gate_idx|gate_weight)$")
+_MASK_KINDS = ("idx", "score", "scale", "gate")
+_GATE_KINDS = ("gate_idx", "gate_weight")
 
 
 class MaskFileError(CnaLocalError):
@@ -102,9 +110,9 @@ class NeuronMask:
             self.layers, self.neurons, self.scores = self.layers[order], self.neurons[order], self.scores[order]
             if self.scales is not None:
                 self.scales = self.scales[order]
-            if self.gate is not None:
+            if self.gate is not None and not self.gate.own:
                 self.gate = Gate(self.gate.weights[order], self.gate.threshold, self.gate.info)
-        if self.gate is not None and len(self.gate.weights) != len(self.layers):
+        if self.gate is not None and not self.gate.own and len(self.gate.weights) != len(self.layers):
             raise MaskFileError(f"the gate weighs {len(self.gate.weights)} neurons but the mask names {len(self.layers)}.")
         self.multiplier = check_multiplier(self.multiplier)
         if self.static_multiplier is not None:
@@ -138,8 +146,11 @@ class NeuronMask:
 
     @property
     def version(self) -> int:
-        """The oldest format that holds this mask: 3 with a gate, 2 with a schedule other than all, else 1."""
-        return 3 if self.gate is not None else 1 if self.schedule == "all" else 2
+        """The oldest format that holds this mask: 4 with a gate on neurons of its own, 3 with a gate on the
+        mask's, 2 with a schedule other than all, else 1."""
+        if self.gate is not None:
+            return 4 if self.gate.own else 3
+        return 1 if self.schedule == "all" else 2
 
     def per_layer_counts(self) -> dict[int, int]:
         layers, counts = np.unique(self.layers, return_counts=True)
@@ -200,8 +211,13 @@ class NeuronMask:
             writer.add_tensor(tensor_name(int(layer), "score"), self.scores[rows].astype(np.float32))
             if self.scales is not None:
                 writer.add_tensor(tensor_name(int(layer), "scale"), self.scales[rows].astype(np.float32))
-            if self.gate is not None:
+            if self.gate is not None and not self.gate.own:
                 writer.add_tensor(tensor_name(int(layer), "gate"), self.gate.weights[rows].astype(np.float32))
+        if self.gate is not None and self.gate.own:
+            for layer in np.unique(self.gate.layers):
+                rows = self.gate.layers == layer
+                writer.add_tensor(tensor_name(int(layer), "gate_idx"), self.gate.neurons[rows].astype(np.int32))
+                writer.add_tensor(tensor_name(int(layer), "gate_weight"), self.gate.weights[rows].astype(np.float32))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -239,6 +255,13 @@ def _validate_entries(mask: NeuronMask, source: str) -> None:
     if mask.scales is not None and not np.isfinite(mask.scales).all():
         i = np.flatnonzero(~np.isfinite(mask.scales))[0]
         raise MaskFileError(f"{source}: the scale of neuron {mask.neurons[i]} in layer {mask.layers[i]} is {mask.scales[i]}; scales must be finite.")
+    gate = mask.gate
+    if gate is not None and gate.own:
+        bad = np.flatnonzero((gate.layers >= mask.n_layer) | (gate.neurons >= mask.n_ff))
+        if bad.size:
+            i = bad[0]
+            raise MaskFileError(f"{source}: the gate reads neuron {gate.neurons[i]} of layer {gate.layers[i]}, which a "
+                                f"{mask.n_layer}-layer model with n_ff {mask.n_ff} does not have. Fix: re-run `cna-local attribute`.")
 
 
 def _bounded_reader_class():
@@ -378,7 +401,7 @@ def read_mask(path: str | Path) -> NeuronMask:
         if match is None:
             raise MaskFileError(f"{path} holds an unexpected tensor '{tensor.name}'; it is not a neuron mask of version {FORMAT_VERSION}.")
         layer, kind = int(match.group(1)), match.group(2)
-        expected = "I32" if kind == "idx" else "F32"
+        expected = "I32" if kind in ("idx", "gate_idx") else "F32"
         if tensor.tensor_type.name != expected:
             raise MaskFileError(f"{path}: tensor '{tensor.name}' is {tensor.tensor_type.name}, expected {expected}. Fix: make the mask again with `cna-local attribute`.")
         if len(tensor.shape) != 1:
@@ -388,6 +411,9 @@ def read_mask(path: str | Path) -> NeuronMask:
             raise MaskFileError(f"{path} holds tensor '{tensor.name}' twice. Fix: make the mask again with `cna-local attribute`.")
         per_layer.setdefault(layer, {})[kind] = np.array(tensor.data).reshape(-1)
 
+    gate_parts = {layer: {k: parts.pop(k) for k in _GATE_KINDS if k in parts} for layer, parts in per_layer.items()}
+    gate_parts = {layer: parts for layer, parts in gate_parts.items() if parts}
+    per_layer = {layer: parts for layer, parts in per_layer.items() if parts}
     layers, neurons, scores, scales, gates = [], [], [], [], []
     with_scales = {layer for layer, parts in per_layer.items() if "scale" in parts}
     if with_scales and with_scales != set(per_layer):
@@ -396,13 +422,36 @@ def read_mask(path: str | Path) -> NeuronMask:
     if with_gate and with_gate != set(per_layer):
         raise MaskFileError(f"{path}: the gate is damaged: some layers have neuron_gate tensors and others do not; it must be "
                             "all layers or none. Fix: make the mask again with `cna-local attribute`, or load it with the gate off.")
-    if (with_gate or has_threshold or gate_info or static_multiplier is not None) and version < 3:
-        raise MaskFileError(f"{path} is a version {version} mask with gate entries, which only version 3 has; the file is damaged. "
-                            "Fix: make it again with `cna-local attribute`.")
-    if version >= 3 and not (with_gate and has_threshold):
+    if (with_gate or gate_parts or has_threshold or gate_info or static_multiplier is not None) and version < 3:
+        raise MaskFileError(f"{path} is a version {version} mask with gate entries, which only version 3 and later have; the file "
+                            "is damaged. Fix: make it again with `cna-local attribute`.")
+    if gate_parts and version < 4:
+        raise MaskFileError(f"{path} is a version {version} mask with neuron_gate_idx tensors, which only version 4 has; the "
+                            "gate is damaged. Fix: make the mask again with `cna-local attribute`.")
+    if version == 3 and not (with_gate and has_threshold):
         what = "no neuron_gate tensors" if not with_gate else "no gate_threshold entry"
         raise MaskFileError(f"{path} is a version 3 (gated) mask with {what}: the gate is damaged. "
                             "Fix: make the mask again with `cna-local attribute`.")
+    if version >= 4 and (with_gate or not gate_parts or not has_threshold):
+        what = ("neuron_gate tensors, which belong to a version 3 gate" if with_gate else
+                "no neuron_gate_idx tensors" if not gate_parts else "no gate_threshold entry")
+        raise MaskFileError(f"{path} is a version 4 (gated) mask with {what}: the gate is damaged. "
+                            "Fix: make the mask again with `cna-local attribute`.")
+    own_layers, own_neurons, own_weights = [], [], []
+    for layer in sorted(gate_parts):
+        parts = gate_parts[layer]
+        if set(parts) != set(_GATE_KINDS):
+            raise MaskFileError(f"{path}: layer {layer} has only {', '.join('neuron_' + k for k in parts)} of the gate's two "
+                                "tensors: the gate is damaged. Fix: make the mask again with `cna-local attribute`.")
+        idx = parts["gate_idx"]
+        if len(parts["gate_weight"]) != len(idx):
+            raise MaskFileError(f"{path}: the gate tensors of layer {layer} differ in length: the gate is damaged.")
+        if np.any(np.diff(idx) <= 0):
+            raise MaskFileError(f"{path}: the gate's neuron indices of layer {layer} are not strictly ascending: the gate is "
+                                "damaged. Fix: make the mask again with `cna-local attribute`.")
+        own_layers.append(np.full(len(idx), layer, np.int32))
+        own_neurons.append(idx.astype(np.int32))
+        own_weights.append(parts["gate_weight"].astype(np.float32))
     for layer in sorted(per_layer):
         parts = per_layer[layer]
         for kind in ("idx", "score"):
@@ -437,9 +486,13 @@ def read_mask(path: str | Path) -> NeuronMask:
     if calibration:
         meta["calibration"] = calibration
     gate = None
-    if with_gate:
+    if with_gate or gate_parts:
         try:
-            gate = Gate(np.concatenate(gates), value(KEY_PREFIX + "gate_threshold", float), gate_info)
+            if gate_parts:
+                gate = Gate(np.concatenate(own_weights), value(KEY_PREFIX + "gate_threshold", float), gate_info,
+                            layers=np.concatenate(own_layers), neurons=np.concatenate(own_neurons))
+            else:
+                gate = Gate(np.concatenate(gates), value(KEY_PREFIX + "gate_threshold", float), gate_info)
         except GateError as exc:
             raise MaskFileError(f"{path}: the gate is damaged: {str(exc).replace('this gate: ', '')}. "
                                 "Fix: make the mask again with `cna-local attribute`.") from None

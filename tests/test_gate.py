@@ -1,5 +1,5 @@
-"""The gate: fitted on the mask's neurons to a stated false-positive rate, stored in the mask file as format
-version 3, and refused with a clear error where its data is bad."""
+"""The gate: fitted to a stated false-positive rate on the mask's neurons (stored as format version 3) or on
+neurons of its own (version 4), and refused with a clear error where its data is bad."""
 
 from __future__ import annotations
 
@@ -85,8 +85,8 @@ def gated(**overrides):
     return dataclasses.replace(mask, gate=Gate(np.array([0.5, -1.0, 2.0, 0.25]), 0.75, {"method": "lda", "fpr_target": 0.05}))
 
 
-def test_a_gated_mask_is_version_3_and_round_trips(tmp_path):
-    assert FORMAT_VERSION == 3
+def test_a_gate_on_the_masks_neurons_is_version_3_and_round_trips(tmp_path):
+    assert FORMAT_VERSION == 4
     mask = gated()
     path = mask.save(tmp_path / "g.gguf")
     back = read_mask(path)
@@ -143,6 +143,97 @@ def test_bad_gate_data_is_a_clear_error(tmp_path, kv, tensors, message):
         read_mask(path)
 
 
+# -- a gate over neurons of its own (version 4)
+
+def rows_with_signal(n_layer=3, n_ff=20, signal=((1, 4), (2, 17), (0, 0)), shift=1.5, seed=0):
+    rng = np.random.default_rng(seed)
+    pos, neg = rng.normal(0, 1, (120, n_layer * n_ff)), rng.normal(0, 1, (100, n_layer * n_ff))
+    for layer, neuron in signal:
+        pos[:, layer * n_ff + neuron] += shift
+    return pos, neg
+
+
+def test_an_own_gate_reads_the_neurons_that_separate_the_sets_over_every_layer():
+    pos, neg = rows_with_signal()
+    gate = fit_gate(pos, neg, own=3, n_ff=20)
+    assert gate.own and sorted(zip(gate.layers.tolist(), gate.neurons.tolist())) == [(0, 0), (1, 4), (2, 17)]
+    assert gate.info["neurons"].startswith("own") and gate.info["n_neurons"] == 3
+    cols = gate.columns(np.array([0]), np.array([9]), 20)  # the mask's neurons do not matter to it
+    assert cols.tolist() == [0, 24, 57]
+    assert gate.info["out_of_fold"]["auc"] > 0.9
+
+
+def test_an_own_gate_chooses_its_neurons_inside_each_fold_so_noise_gets_no_credit():
+    """On pure noise, neurons picked on all prompts would separate them in sample; picked inside each fold,
+    the out-of-fold scores of the held fold are chance."""
+    rng = np.random.default_rng(3)
+    pos, neg = rng.normal(0, 1, (60, 2000)), rng.normal(0, 1, (60, 2000))
+    gate = fit_gate(pos, neg, own=20, n_ff=100)
+    assert gate.info["out_of_fold"]["auc"] < 0.7
+    assert gate.info["in_sample"]["tpr"] > gate.info["out_of_fold"]["tpr"]
+
+
+def test_bad_own_gate_arguments_are_named():
+    pos, neg = rows_with_signal()
+    with pytest.raises(GateError, match="whole rows of n_ff values"):
+        fit_gate(pos, neg, own=3, n_ff=7)
+    with pytest.raises(GateError, match="at least 1 neuron"):
+        fit_gate(pos, neg, own=0, n_ff=20)
+    with pytest.raises(GateError, match="twice"):
+        Gate(np.ones(2), 0.0, layers=[1, 1], neurons=[3, 3])
+    with pytest.raises(GateError, match="both their layers and their indices"):
+        Gate(np.ones(2), 0.0, layers=[1, 1])
+
+
+def own_gated(**overrides):
+    mask = make_mask(**overrides)
+    gate = Gate(np.array([0.5, -1.0, 2.0]), 0.75, {"method": "lda", "neurons": "own"}, layers=[3, 0, 3], neurons=[9, 3, 1])
+    return dataclasses.replace(mask, gate=gate)
+
+
+def test_a_gate_on_its_own_neurons_is_version_4_and_round_trips(tmp_path):
+    mask = own_gated()
+    back = read_mask(mask.save(tmp_path / "g4.gguf"))
+    assert back.meta["version"] == 4 and back.gate.own
+    # sorted by layer, then neuron, each weight with its neuron, in layers the mask does not touch too
+    assert list(zip(back.gate.layers.tolist(), back.gate.neurons.tolist(), back.gate.weights.tolist())) == \
+        [(0, 3, -1.0), (3, 1, 2.0), (3, 9, 0.5)]
+    assert back.gate.threshold == pytest.approx(0.75)
+    np.testing.assert_array_equal(back.layers, mask.layers)  # the mask's own entries are untouched
+
+
+def test_a_version_3_reader_refuses_a_version_4_mask_by_name(tmp_path, monkeypatch):
+    import cna_local.maskfile as maskfile
+
+    path = own_gated().save(tmp_path / "g4.gguf")
+    monkeypatch.setattr(maskfile, "FORMAT_VERSION", 3)
+    with pytest.raises(MaskFileError, match="version 4 mask; this cna-local reads up to version 3.*upgrade"):
+        read_mask(path)
+
+
+def own_gate_tensors(idx, weights, layer=3):
+    return {tensor_name(layer, "gate_idx"): np.array(idx, np.int32), tensor_name(layer, "gate_weight"): np.array(weights, np.float32)}
+
+
+V4 = {**V3, KEY_PREFIX + "version": 4}
+
+
+@pytest.mark.parametrize("kv, tensors, message", [
+    (V4, own_gate_tensors([1, 2], [1.0, float("inf")]), "gate weight 1 is inf"),
+    (V4, own_gate_tensors([1, 2**20], [1.0, 2.0]), "reads neuron 1048576 of layer 3, which"),
+    (V4, own_gate_tensors([2, 1], [1.0, 2.0]), "not strictly ascending"),
+    (V4, own_gate_tensors([1, 2], [1.0]), "gate tensors of layer 3 differ in length"),
+    (V4, {tensor_name(3, "gate_idx"): np.array([1], np.int32)}, "has only neuron_gate_idx"),
+    (V4, {}, r"version 4 \(gated\) mask with no neuron_gate_idx tensors"),
+    (V4, {**own_gate_tensors([1], [1.0]), **gate_tensor([1.0, 2.0])}, "neuron_gate tensors, which belong to a version 3"),
+    (V3, {**own_gate_tensors([1], [1.0]), **gate_tensor([1.0, 2.0])}, "version 3 mask with neuron_gate_idx tensors"),
+])
+def test_bad_own_gate_data_is_a_clear_error(tmp_path, kv, tensors, message):
+    path = write_gguf(tmp_path / "bad.gguf", good_kv(**{**kv, KEY_PREFIX + "n_neurons": 2}), {**good_tensors(), **tensors})
+    with pytest.raises(MaskFileError, match=message):
+        read_mask(path)
+
+
 def test_a_gated_mask_keeps_a_static_default_for_when_the_gate_is_off(tmp_path):
     mask = dataclasses.replace(gated(multiplier=-4.0), static_multiplier=-1.5)
     back = read_mask(mask.save(tmp_path / "g.gguf"))
@@ -162,3 +253,5 @@ def test_the_inspect_command_shows_the_gate(tmp_path):
     out = CliRunner().invoke(cli, ["inspect", str(path)]).output
     assert "gate        lda on the mask's neurons, threshold 0.75" in out
     assert "multiplier -4 through the gate, -1.5 on every prompt (gate off)" in out
+    own = CliRunner().invoke(cli, ["inspect", str(own_gated().save(tmp_path / "g4.gguf"))]).output
+    assert "gate        lda on 3 neurons of its own (layers 0-3), threshold 0.75" in own

@@ -98,6 +98,30 @@ def test_the_gate_reads_what_attribution_captured(model, llm, mask):
     assert any(fired) and not all(fired)
 
 
+def test_a_gate_of_its_own_reads_neurons_the_mask_does_not_steer(model, llm, mask):
+    """A version 4 gate reads its own neurons out of the same captured row; they need not be in the mask."""
+    source = LlamaSource(model, n_gpu_layers=N_GPU_LAYERS)
+    try:
+        rows = source.collect(PROMPTS, keep=True, progress=False).values  # [prompts, n_layer, n_ff]
+    finally:
+        source.close()
+    steered = set(zip(mask.layers.tolist(), mask.neurons.tolist()))
+    free = [(layer, neuron) for layer in range(mask.n_layer) for neuron in range(mask.n_ff) if (layer, neuron) not in steered]
+    layers, neurons = np.array(free[::7][:12]).T
+    weights = np.random.default_rng(2).normal(size=len(layers)).astype(np.float32)
+    scores = rows[:, layers, neurons].astype(np.float64) @ weights.astype(np.float64)
+    threshold = float(np.median(scores))
+    gated = with_gate(mask, Gate(weights, threshold, layers=layers, neurons=neurons))
+    fired = []
+    for prompt, score in zip(PROMPTS, scores):
+        llm.set_mask(gated)
+        got = chat(llm, prompt)
+        assert llm.last_gate.score == pytest.approx(score, rel=1e-4, abs=1e-4)
+        fired.append(llm.last_gate.fired)
+        assert got == (static(llm, mask, prompt) if llm.last_gate.fired else unsteered(llm, prompt))
+    assert any(fired) and not all(fired)
+
+
 def test_after_a_steered_request_the_next_prompt_is_read_unsteered(llm, mask):
     """The KV prefix cached by a fired (steered) request is not reused for the next prompt's gate reading."""
     first, second = PROMPTS[0], PROMPTS[0] + " and snow"  # the second extends the first

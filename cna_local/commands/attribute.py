@@ -79,9 +79,13 @@ FALLBACK_MULTIPLIER = -1.5
               help="The mask's default steering schedule: all positions, the prompt's, or those that predict a "
                    "reply token (generation). Runtimes can choose again.")
 @click.option("--gate/--no-gate", default=True, show_default=True,
-              help="Also fit a gate on the chosen neurons: a detector that reads them, unsteered, at the prompt's "
-                   "last token, so runtimes steer only the prompts it fires on (the rest run exactly unsteered). "
-                   "Runtimes use it by default and can turn it off.")
+              help="Also fit a gate: a detector that reads neurons, unsteered, at the prompt's last token, so "
+                   "runtimes steer only the prompts it fires on (the rest run exactly unsteered). Runtimes use it "
+                   "by default and can turn it off.")
+@click.option("--gate-neurons", default="auto", show_default=True, metavar="auto|mask|N",
+              help="The neurons the gate reads: auto, as many as the mask holds, the ones that separate POSITIVE "
+                   "from NEGATIVE best over every layer (chosen again inside each fold); mask, the mask's own; N, "
+                   "the best N. Reading a neuron does not steer it.")
 @click.option("--gate-fpr", type=float, default=0.05, show_default=True, metavar="RATE",
               help="The share of NEGATIVE prompts the gate may fire on, measured out of fold (each prompt scored by "
                    "a gate fitted without it).")
@@ -94,7 +98,7 @@ FALLBACK_MULTIPLIER = -1.5
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def attribute(model_spec, positive, negative, field, top_fraction, top_k, score_method, layers, universal_filter,
               universal_threshold, backend, device, device_map, batch_size, no_chat_template, multiplier, calibration_prompts, schedule, gate,
-              gate_fpr, name, no_cache, out, as_json, quiet):
+              gate_neurons, gate_fpr, name, no_cache, out, as_json, quiet):
     """Find the MLP neurons that separate POSITIVE from NEGATIVE prompts and save them as a mask.
 
     Every prompt runs through the model's chat template; at the last prompt
@@ -112,7 +116,7 @@ def attribute(model_spec, positive, negative, field, top_fraction, top_k, score_
         summary = run_attribute(model_spec, positive, negative, field, top_fraction, top_k, score_method, layers,
                        universal_filter, universal_threshold, batch_size, not no_chat_template, multiplier,
                        name, not no_cache, out, not quiet, calibration_prompts, schedule, backend, device, device_map,
-                                gate=gate, gate_fpr=gate_fpr)
+                                gate=gate, gate_fpr=gate_fpr, gate_neurons=gate_neurons)
     except CnaLocalError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
@@ -124,7 +128,7 @@ def attribute(model_spec, positive, negative, field, top_fraction, top_k, score_
 def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, score_method, layers, universal_filter,
          universal_threshold, batch_size, chat_template, multiplier, name, use_cache, out, progress,
          calibration_prompts=0, schedule="all", backend=None, device="cpu", device_map=None, gate=True,
-         gate_fpr=0.05) -> dict:
+         gate_fpr=0.05, gate_neurons="auto") -> dict:
     """The whole `attribute` command (the demo runs it too); returns the summary it prints."""
     # Heavy imports here so that `cna-local --help` stays fast.
     from ..attribution import AttributionOptions, attribute as run_attribution
@@ -205,7 +209,7 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
         top_fraction=top_fraction, top_k=top_k, score=score_method, layers=layers,
         universal_filter=universal_filter, universal_threshold=universal_threshold, batch_size=batch_size,
         chat_template=chat_template, multiplier=FALLBACK_MULTIPLIER if multiplier is None else multiplier,
-        progress=progress, cache_contrasts=use_cache, gate=gate, gate_fpr=gate_fpr,
+        progress=progress, cache_contrasts=use_cache, gate=gate, gate_fpr=gate_fpr, gate_neurons=gate_neurons,
     )
     try:
         result = run_attribution(loaded, pos, neg, options, contrasts=contrasts, name=name)
@@ -284,7 +288,8 @@ def _print_summary(s: dict) -> None:
     g = s.get("gate")
     if g:
         oof = g["out_of_fold"]
-        click.echo(f"  gate ({g['method']}, {g['n_neurons']} neurons): fires on {oof['tpr']:.0%} of positive and "
+        whose = "the mask's" if g.get("neurons", "mask") == "mask" else "its own"
+        click.echo(f"  gate ({g['method']}, {g['n_neurons']} neurons, {whose}): fires on {oof['tpr']:.0%} of positive and "
                    f"{oof['fpr']:.0%} of negative prompts, out of fold (target <= {g['fpr_target']:.0%}; AUC {oof['auc']:.3f})")
         gcal = g.get("calibration")
         if gcal and "chosen" in gcal:

@@ -23,7 +23,10 @@ def mask_report(mask, top: int) -> dict:
         "multiplier": mask.multiplier,
         "schedule": mask.schedule,
         "calibration": mask.meta.get("calibration"),
-        "gate": None if mask.gate is None else {"threshold": mask.gate.threshold, **mask.gate.info},
+        "gate": None if mask.gate is None else {"threshold": mask.gate.threshold, **mask.gate.info,
+                                                "own_neurons": mask.gate.own,
+                                                "n_read": len(mask.gate.weights),
+                                                "layers_read": sorted({int(x) for x in mask.gate.layers}) if mask.gate.own else None},
         "static_multiplier": mask.static_multiplier,
         "per_neuron_scales": mask.scales is not None,
         "prompts_sha256": mask.meta.get("prompts_sha256", ""),
@@ -87,7 +90,9 @@ def inspect(mask_path: Path, as_json: bool, top: int) -> None:
     g = report["gate"]
     if g:
         oof = g.get("out_of_fold") or {}
-        click.echo(f"  gate        {g.get('method')} on the mask's neurons, threshold {g['threshold']:.4g}: fired on "
+        on = (f"{g['n_read']} neurons of its own (layers {g['layers_read'][0]}-{g['layers_read'][-1]})" if g["own_neurons"]
+              else "the mask's neurons")
+        click.echo(f"  gate        {g.get('method')} on {on}, threshold {g['threshold']:.4g}: fired on "
                    f"{oof.get('tpr', 0):.0%} of positive and {oof.get('fpr', 0):.0%} of negative prompts out of fold "
                    f"(target <= {g.get('fpr_target', 0):.0%}); runtimes steer only prompts it fires on")
         if report["static_multiplier"] is not None:

@@ -26,7 +26,6 @@ import time
 
 import numpy as np
 
-from ..gate import row_columns
 from ..schedules import steered_in
 from .engine import Engine
 from .errors import EvalError
@@ -117,7 +116,7 @@ def run_schedule(engine: Engine, llm, masks, steerings, harmful, benign, items, 
         for j, gate in enumerate(gates):
             if gate is not None:
                 m = masks[j]
-                scores = gate.score(rows[:, row_columns(m.layers, m.neurons, n_ff)])
+                scores = gate.score(rows[:, gate.columns(m.layers, m.neurons, n_ff)])
                 out[j] = (scores >= gate.threshold, scores)
         return out
 

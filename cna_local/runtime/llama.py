@@ -37,7 +37,6 @@ import llama_cpp
 import numpy as np
 
 from . import binding
-from ..gate import row_columns
 from .gating import GateDecision, LastTokenReader
 from .steering import NeuronSteering, SteeringError
 
@@ -215,7 +214,7 @@ class SteeredLlama(llama_cpp.Llama):
         finally:
             self._reader.stop()
         mask = state.masks[0]
-        values = row[row_columns(mask.layers, mask.neurons, self.steering.shape.n_ff)]
+        values = row[state.gate.columns(mask.layers, mask.neurons, self.steering.shape.n_ff)]
         score = float(state.gate.score(values))
         fired = score >= state.gate.threshold
         self.last_gate = GateDecision(fired, score, float(state.gate.threshold))

@@ -159,6 +159,8 @@ class SteeringState:
         h = hashlib.sha256(self.schedule.encode())
         if self.gate is not None:
             h.update(f"gate {self.gate.threshold!r}".encode() + self.gate.weights.tobytes())
+            if self.gate.own:
+                h.update(self.gate.layers.tobytes() + self.gate.neurons.tobytes())
         for array in (self.layers, self.neurons, self.scales):
             h.update(np.ascontiguousarray(array).tobytes())
         return h.hexdigest()
