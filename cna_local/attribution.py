@@ -50,7 +50,7 @@ class AttributionOptions:
     multiplier: float = -1.5
     progress: bool = True
     cache_contrasts: bool = True  # reuse the contrast pairs' statistics for this model file
-    # a gate on the mask's neurons (cna_local.gate): steer only prompts it fires on; fpr: the share of
+    # a gate (cna_local.gate): steer only prompts it fires on; fpr: the share of
     # negative prompts (out of fold) it may fire on
     gate: bool = True
     gate_fpr: float = DEFAULT_FPR

@@ -88,7 +88,7 @@ class Gate:
         return row_columns(mask_layers, mask_neurons, n_ff)
 
     def score(self, values: np.ndarray) -> np.ndarray:
-        """Scores of values [..., N] (the mask's neurons at a prompt's last token), float64."""
+        """Scores of values [..., N] (its neurons at a prompt's last token), float64."""
         values = np.asarray(values, np.float64)
         if values.shape[-1] != len(self.weights):
             raise GateError(f"the gate weighs {len(self.weights)} neurons but got values for {values.shape[-1]}.")

@@ -8,7 +8,7 @@ ran before, and is packed the same way under every steering.
 A steering is (mask index, multiplier); several masks share the one baseline.
 
 A gated mask (cna_local.gate) steers only the prompts its gate fires on, as the runtime does: the gate
-reads the mask's neurons at each prompt's last token during the baseline run (llama.cpp's FFN capture,
+reads the gate's neurons at each prompt's last token during the baseline run (llama.cpp's FFN capture,
 which leaves that run's numbers as they are), the prompts it fires on are run steered as a group of their
 own, and a prompt whose gate stays closed is served unsteered, so its record is the baseline's (the
 runtime does exactly that: tests/test_runtime_gate.py). Every record of a gated steering says whether

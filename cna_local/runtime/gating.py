@@ -1,4 +1,4 @@
-"""Reading a mask's neurons at a prompt's last token inside llama.cpp, for its gate (cna_local.gate).
+"""Reading a gate's neurons (the mask's, or its own) at a prompt's last token inside llama.cpp (cna_local.gate).
 
 The prompt is decoded unsteered while the FFN capture (patches/0005) keeps, for the last token of each
 micro-batch, every layer's down-projection input; the gate reads its neurons out of the last such row,
@@ -41,7 +41,7 @@ class LastTokenReader:
     def start(self) -> None:
         rc = self._lib.llama_ffn_capture_start(self._ctx, binding.CAPTURE_ROWS)
         if rc != 0:
-            raise SteeringError(f"the gate cannot read the mask's neurons: {binding.CAPTURE_MESSAGES.get(rc, rc)}.")
+            raise SteeringError(f"the gate cannot read its neurons: {binding.CAPTURE_MESSAGES.get(rc, rc)}.")
 
     def stop(self) -> None:
         self._lib.llama_ffn_capture_stop(self._ctx)
@@ -65,7 +65,7 @@ class LastTokenReader:
         # misses the last layer, and only the last row, the prompt's last token, is read
         if status not in (0, -3) or n_rows.value == 0:
             why = binding.CAPTURE_MESSAGES.get(status, status) if status else "no token was decoded"
-            raise SteeringError(f"the gate could not read the mask's neurons: {why}.")
+            raise SteeringError(f"the gate could not read its neurons: {why}.")
         if self.n_ff is not None and ffn_w.value != self.n_layer * self.n_ff:
             raise SteeringError(f"llama.cpp captures {ffn_w.value} neuron values per token; the gate needs "
                                 f"{self.n_layer} layers of {self.n_ff}. Models whose FFN width varies by layer cannot be gated.")

@@ -18,7 +18,7 @@ token ("generation": the prompt's last token and the generated ones). Between th
 the mask's scales are swapped for ones (bit for bit unsteered, the same graph), not cleared.
 
 A mask with a gate (cna_local.gate) is applied only to the prompts the gate fires on. The prompt is first
-evaluated unsteered while llama.cpp's FFN capture reads the mask's neurons at its last token; the gate
+evaluated unsteered while llama.cpp's FFN capture reads the gate's neurons at its last token; the gate
 scores them; a closed gate leaves the request exactly unsteered (that evaluation is the request's own),
 an open one re-evaluates the prompt under steering (under "generation" only its last token) and steers
 the reply as the schedule says. `last_gate` says what it decided. The cached prefix is reused for the
@@ -196,7 +196,7 @@ class SteeredLlama(llama_cpp.Llama):
         self._kv_steered = self._kv_steered or (on and not self.steering.state.off)
 
     def _gated_prompt(self, tokens, start: int) -> int:
-        """Evaluate a prompt (or its uncached end) unsteered while reading the mask's neurons at its last
+        """Evaluate a prompt (or its uncached end) unsteered while reading the gate's neurons at its last
         token; steer it (and the reply) only if the gate fires. Returns where the evaluation started."""
         state = self.steering.state
         if self._kv_steered and start > 0:  # the gate reads the prompt unsteered: recompute a steered prefix
