@@ -194,8 +194,8 @@ class LlamaSource:
             capacity = self.budget - shared  # the prefix's cells stay in the cache
             order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths pack well
             for group in self._packs([encoded[i][shared:] for i in order], order, capacity, limit - (1 if shared else 0)):
-                for seq in range(len(group)):
-                    if shared:
+                if shared:
+                    for seq in range(len(group)):
                         llama_cpp.llama_memory_seq_cp(mem, prefix_seq, seq, 0, shared)
                 seqs, ffn, res = decode([(seq, ids, shared) for seq, (_, ids) in enumerate(group)], len(group))
                 if sorted(seqs.tolist()) != list(range(len(group))):

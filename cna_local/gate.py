@@ -34,8 +34,6 @@ METHODS = ("lda", "mean_diff")
 DEFAULT_METHOD = "lda"
 DEFAULT_FPR = 0.05
 DEFAULT_FOLDS = 5
-GATE_NEURONS = ("own", "mask")
-"""own: the gate chooses its neurons (top |t| over every layer; the default); mask: the mask's neurons."""
 
 
 class GateError(CnaLocalError):
@@ -235,8 +233,8 @@ def fit_gate(pos: np.ndarray, neg: np.ndarray, fpr: float = DEFAULT_FPR, method:
         "n_positive": len(pos), "n_negative": len(neg), "n_neurons": int(len(cols)),
         "neurons": "own: top |t| over every layer" if select is not None else "mask",
         "out_of_fold": {"tpr": round(tpr_oof, 4), "fpr": round(fpr_oof, 4), "auc": round(auc(s_pos, s_neg), 4)},
-        "in_sample": {"tpr": round(float(((pos @ w) >= threshold).mean()), 4),
-                      "fpr": round(float(((neg @ w) >= threshold).mean()), 4)},
+        "in_sample": {"tpr": round(float(((pos[:, cols] @ w_cols) >= threshold).mean()), 4),
+                      "fpr": round(float(((neg[:, cols] @ w_cols) >= threshold).mean()), 4)},
         "fold_cosine_min": round(min(cos), 4),
     }
     if select is None:

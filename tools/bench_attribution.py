@@ -14,7 +14,8 @@ figures are the attribution's alone, 120 + 120 bundled prompts by default.
     python tools/bench_attribution.py --lib native=/tmp/build-native/site/cna_local/lib   # + another llama.cpp build
 
 `--lib LABEL=DIR` adds a llama row run on the patched libraries in DIR (LLAMA_CPP_LIB_PATH), e.g. a
-`-DGGML_NATIVE=ON` build, side by side with the installed one; each row records the build's CPU features
+`-DGGML_NATIVE=ON` build made for this machine only (never the default: AVX-512 builds die on AVX2-only
+CPUs), side by side with the installed one; each row records the build's CPU features
 (llama_print_system_info).
 """
 

@@ -28,27 +28,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cna_local.gate import auc, choose_threshold, direction, row_columns  # noqa: E402
+from cna_local.gate import auc, choose_threshold, direction, out_of_fold_scores, row_columns, top_by_t  # noqa: E402
 
 
 def top_t(k: int):
-    def select(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-        pooled = (pos.var(0) * len(pos) + neg.var(0) * len(neg)) / (len(pos) + len(neg) - 2)
-        t = (pos.mean(0) - neg.mean(0)) / (np.sqrt(pooled) + 1e-6)
-        return np.argsort(-np.abs(t))[:k]
-    return select
+    return lambda pos, neg: top_by_t(pos, neg, k)
 
 
 def judge(select, pos, neg, held_pos, held_neg, fprs, refused, folds=5, seed=0) -> dict:
-    rng = np.random.default_rng(seed)
-    fold_pos, fold_neg = rng.permutation(len(pos)) % folds, rng.permutation(len(neg)) % folds
-    s_pos, s_neg = np.zeros(len(pos)), np.zeros(len(neg))
-    for f in range(folds):
-        p, n = pos[fold_pos != f], neg[fold_neg != f]
-        cols = select(p, n)
-        w = direction(p[:, cols], n[:, cols], "lda")
-        s_pos[fold_pos == f] = pos[fold_pos == f][:, cols] @ w
-        s_neg[fold_neg == f] = neg[fold_neg == f][:, cols] @ w
+    s_pos, s_neg, _ = out_of_fold_scores(pos, neg, "lda", folds, seed, select)
     cols = select(pos, neg)
     w = direction(pos[:, cols], neg[:, cols], "lda")
     h_pos, h_neg = held_pos[:, cols] @ w, held_neg[:, cols] @ w
