@@ -266,29 +266,26 @@ class LlamaSource:
 
 class DownWeights:
     """Each layer's down projection [n_embd, n_ff] as float32, dequantized from the GGUF one layer at a time
-    (the selective score reads one row product per layer; no full float32 copy is ever held)."""
+    (the selective score reads one row product per layer; no full float32 copy is ever held). The file's
+    tensor table comes from ggml's parser (cna_local.gguf_index): milliseconds, not gguf-py's seconds."""
 
     def __init__(self, path: Path, n_layer: int, progress: bool = False):
         self.path, self.n_layer, self.progress = path, n_layer, progress
-        self._tensors = None
+        self._index = None
 
     def __len__(self) -> int:
         return self.n_layer
 
     def __iter__(self):
-        import gguf
         from tqdm.auto import tqdm
 
-        if self._tensors is None:
-            if self.progress:
-                print(f"      reading the down projections of {self.path.name}", file=sys.stderr, flush=True)
-            reader = gguf.GGUFReader(self.path)
-            self._tensors = {t.name: t for t in reader.tensors if t.name.endswith(".ffn_down.weight")}
-        tensors = self._tensors
+        from .gguf_index import GGUFIndex
+
+        if self._index is None:
+            self._index = GGUFIndex(self.path)
         for il in tqdm(range(self.n_layer), desc="down projections", unit="layer", file=sys.stderr,
                        disable=not self.progress, leave=False):
-            t = tensors.get(f"blk.{il}.ffn_down.weight")
-            if t is None:
-                raise CaptureError(f"{self.path} has no tensor blk.{il}.ffn_down.weight: not a dense FFN model.")
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
-            yield np.asarray(w, np.float32).reshape(int(t.shape[1]), int(t.shape[0]))
+            name = f"blk.{il}.ffn_down.weight"
+            if name not in self._index.tensors:
+                raise CaptureError(f"{self.path} has no tensor {name}: not a dense FFN model.")
+            yield self._index.array(name)

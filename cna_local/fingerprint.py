@@ -138,11 +138,8 @@ def fingerprint_from_hf_dir(directory: str | Path) -> Fingerprint:
 
 
 def fingerprint_from_gguf(path: str | Path, use_cache: bool = True) -> Fingerprint:
-    """Fingerprint of a GGUF model file, read with gguf.GGUFReader (no weights are dequantized but the norms).
-
-    GGUFReader takes seconds on a large vocabulary (8 s for the default model on 2 cores), so the result is
-    cached per file (path, size and modification time) in the cna-local cache.
-    """
+    """Fingerprint of a GGUF model file (no weights are dequantized but the norms), cached per file (path,
+    size and modification time) in the cna-local cache."""
     path = Path(path)
     entry = cache_dir() / "fingerprints" / f"{file_key(path)}.json" if use_cache and path.is_file() else None
     if entry is not None and entry.is_file():
@@ -160,18 +157,18 @@ def fingerprint_from_gguf(path: str | Path, use_cache: bool = True) -> Fingerpri
 
 
 def _read_fingerprint(path: Path) -> Fingerprint:
-    import gguf
+    from .gguf_index import GGUFIndex, GGUFIndexError
 
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # GGUFReader raises ValueError, struct.error, IndexError... on junk
-        raise FingerprintError(f"{path} is not a readable GGUF model file ({exc}). Fix: pass a .gguf model file.") from exc
+        index = GGUFIndex(path)
+    except GGUFIndexError as exc:
+        raise FingerprintError(f"{exc}") from exc
 
     def field(key: str):
-        f = reader.get_field(key)
-        if f is None:
+        value = index.value(key)
+        if value is None:
             raise FingerprintError(f"{path} has no '{key}' metadata; it is not a complete llama.cpp model file. Fix: re-convert the model with convert_hf_to_gguf.py.")
-        return f.contents()
+        return value
 
     arch = str(field("general.architecture"))
     n_layer = int(field(f"{arch}.block_count"))
@@ -181,13 +178,10 @@ def _read_fingerprint(path: Path) -> Fingerprint:
     n_ff = int(n_ff)
     n_embd = int(field(f"{arch}.embedding_length"))
 
-    tensors = {t.name: t for t in reader.tensors}
-
     def norm(name: str) -> np.ndarray:
-        t = tensors.get(name)
-        if t is None:
+        if name not in index.tensors:
             raise FingerprintError(f"{path} has no tensor '{name}'; cna-local needs Llama-style RMSNorm layers (attn_norm, ffn_norm, output_norm).")
-        return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(-1)
+        return index.array(name).reshape(-1)
 
     arrays = []
     for il in range(n_layer):

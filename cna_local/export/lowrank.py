@@ -69,23 +69,23 @@ def low_rank_updates(mask: "NeuronMask", down_weights, m0: float | None = None) 
 
 def gguf_down_weights(path: Path):
     """down_weights(layer) for a GGUF model: `blk.N.ffn_down.weight`, dequantized by gguf-py."""
-    import gguf
+    from ..gguf_index import GGUFIndex, GGUFIndexError
 
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # a damaged model file
-        raise ExportError(f"{path} is not a readable GGUF model ({type(exc).__name__}: {exc}). Fix: pass the model's .gguf file.") from exc
-    tensors = {t.name: t for t in reader.tensors}
+        index = GGUFIndex(path)
+    except GGUFIndexError as exc:  # a damaged model file
+        raise ExportError(f"{exc}") from exc
+    tensors = index.tensors
 
     def down(layer: int) -> np.ndarray:
-        t = tensors.get(f"blk.{layer}.ffn_down.weight")
-        if t is None:
+        name = f"blk.{layer}.ffn_down.weight"
+        if name not in tensors:
             experts = f"blk.{layer}.ffn_down_exps.weight" in tensors
             why = ("it is a mixture-of-experts layer (ffn_down_exps): its neurons belong to experts, not to one dense "
                    "down projection a LoRA can change") if experts else "the model has no dense down projection there"
-            raise ExportError(f"{path.name} has no tensor blk.{layer}.ffn_down.weight: {why}. "
+            raise ExportError(f"{path.name} has no tensor {name}: {why}. "
                               "Fix: export masks of dense layers, for a dense model.")
-        return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(-1, int(t.shape[0]))
+        return index.array(name)
 
     return down
 
