@@ -50,7 +50,7 @@ class LlamaSource:
 
     def __init__(self, path: str | Path, *, chat_template: bool = True, token_budget: int = DEFAULT_TOKEN_BUDGET,
                  n_threads: int | None = None, n_gpu_layers: int = 0, use_cache: bool = True,
-                 share_prefix: bool = True):
+                 share_prefix: bool = True, skip_output_layer: bool = True):
         from .fingerprint import fingerprint_from_gguf
 
         self.source = Path(path)
@@ -65,6 +65,9 @@ class LlamaSource:
         self.budget = int(token_budget)
         self.share_prefix = share_prefix
         self.shared_prefix = 0  # tokens decoded once for the whole set by the last collect
+        # stop each decode after the last layer: attribution reads no logits, and the output layer over a
+        # 150k vocabulary is a quarter of a small model's work when every token has an output (token_stats)
+        self.skip_output_layer = skip_output_layer
         self._open(self.budget)
 
     # -- the context
@@ -126,6 +129,7 @@ class LlamaSource:
         lib = binding.lib()
         ctx = self.llm.ctx
         flags = binding.CAPTURE_ROWS | (binding.CAPTURE_TOKEN_SUMSQ if token_stats else 0)
+        flags |= binding.CAPTURE_NO_LOGITS if self.skip_output_layer else 0
         rc = lib.llama_ffn_capture_start(ctx, flags)
         if rc != 0:
             raise CaptureError(f"llama.cpp refused to capture activations: {binding.CAPTURE_MESSAGES.get(rc, rc)}.")

@@ -130,7 +130,8 @@ def test_the_capture_refuses_what_it_cannot_read_and_says_why(tiny_gguf):
         assert decode(binding.CAPTURE_ROWS, lambda i: i == 0) == -3
         assert decode(binding.CAPTURE_ROWS | binding.CAPTURE_TOKEN_SUMSQ, lambda i: i == last) == -4
         assert decode(binding.CAPTURE_ROWS | binding.CAPTURE_TOKEN_SUMSQ, lambda i: True) == 0
-        assert lib.llama_ffn_capture_start(ctx, 4) == -1
+        assert lib.llama_ffn_capture_start(ctx, 8) == -1  # an unknown flag
+        assert lib.llama_ffn_capture_start(ctx, binding.CAPTURE_NO_LOGITS) == -1  # skipping logits reads nothing
         lib.llama_ffn_capture_stop(ctx)
         assert lib.llama_ffn_capture_status(ctx) == -6
         assert lib.llama_ffn_capture_take_rows(ctx, None, None, None, 1) == -6
@@ -166,6 +167,23 @@ def test_capturing_does_not_change_the_logits(tiny_gguf):
         source.close()
     np.testing.assert_array_equal(during, before)
     np.testing.assert_array_equal(after, before)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_skipping_the_output_layer_changes_no_captured_value(tiny_gguf, arch):
+    """The capture stops each decode after the last layer it reads (the output layer's logits are not
+    computed); everything it reads is computed by the same graph up to there, so bit for bit the same."""
+    stats = {}
+    for skip in (False, True):
+        source = LlamaSource(tiny_gguf(arch), n_gpu_layers=N_GPU_LAYERS, skip_output_layer=skip)
+        try:
+            stats[skip] = source.collect(PROMPTS, keep=True, progress=False)
+        finally:
+            source.close()
+    full, skipped = stats[False], stats[True]
+    for name in ("values", "sum", "sumsq", "token_sumsq", "resid_sum"):
+        np.testing.assert_array_equal(getattr(skipped, name), getattr(full, name), err_msg=name)
+    assert skipped.n_tokens == full.n_tokens
 
 
 def run(*args):

@@ -20,6 +20,7 @@ SYMBOLS = ("llama_set_neuron_mask", "llama_clear_neuron_mask", "llama_get_neuron
 # llama_ffn_capture_start flags (include/llama.h)
 CAPTURE_ROWS = 1
 CAPTURE_TOKEN_SUMSQ = 2
+CAPTURE_NO_LOGITS = 4  # stop each decode after the last layer: its logits are undefined
 CAPTURE_MESSAGES = {
     -1: "bad arguments",
     -2: "the context has an eval callback (cb_eval) of its own; the capture needs it",
