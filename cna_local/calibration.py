@@ -60,6 +60,19 @@ def strongest_passing(candidates: Sequence[float], passes: Callable[[float], boo
     return None if lo < 0 else candidates[lo]
 
 
+def weakest_reaching(candidates: Sequence[float], reaches: Callable[[float], bool]) -> float | None:
+    """Bisection for the first candidate that reaches, assuming the ones that reach are a suffix; None if
+    none of `candidates` reaches (the caller's stronger candidate, beyond the list, is taken to)."""
+    lo, hi = -1, len(candidates)  # candidates[lo] does not reach (or lo = -1), candidates[hi] reaches (or hi = len)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if reaches(candidates[mid]):
+            hi = mid
+        else:
+            lo = mid
+    return None if hi >= len(candidates) else candidates[hi]
+
+
 @dataclass
 class _References:
     """The unsteered model's greedy replies to calibration prompts, their likelihood and first-token
@@ -225,10 +238,16 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
       * on the `harmful` prompts the gate fires on, the steered greedy replies stay text: at most
         `max_degenerate` of them degenerate, and their mean per-token NLL under the unsteered model after a
         neutral instruction at most `fluency_slack` times that of the unsteered model's own replies to the
-        benign prompts (what its ordinary answers read like).
+        benign prompts (what its ordinary answers read like);
+    then, no stronger than needed: when steering lowers how many of those harmful replies are refusals, the
+    weakest passing strength whose replies are refused no more often than at the strongest. Every step
+    stronger costs the benign prompts the gate fires on by mistake, and buys nothing once the refusals are
+    gone (measured on the 1.5B model: -1 and -2.25 both refused none of the held-out harmful prompts, at
+    benign KL 0.018 and 0.025).
     """
     from .evaluation import quality as Q
     from .evaluation.engine import Engine
+    from .evaluation.refusal import is_refusal
     from .evaluation.schedule import NEUTRAL_INSTRUCTION
     from .schedules import steered_in
 
@@ -284,34 +303,54 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
                                    "calibrated. Fix: a higher --gate-fpr, or --multiplier.")
         tried: dict[float, dict] = {}
 
+        def replies_to_fired_harmful() -> list:
+            out = []
+            for i in range(0, len(h_idx), batch_size):
+                g = h_idx[i:i + batch_size]
+                out += engine.greedy(engine.start([ids_h[k] for k in g]), reply_tokens)
+            return out
+
+        # how many of them the unsteered model refuses: the "no stronger than needed" step below applies to
+        # a refusal the mask weakens, not to other behaviours (whose replies the refusal detector cannot read)
+        refused_unsteered = sum(is_refusal(engine.text(t)) for t in replies_to_fired_harmful())
+
         def measure(m: float) -> dict:
+            if m in tried:
+                return tried[m]
             t0 = time.perf_counter()
             engine.phase = lambda name: llm.set_mask(mask, m if steered_in(schedule, name) else 1.0, "all", gate=False)
             qs, kls = _quality_and_kl(engine, ids_b, refs, stand_ins)  # what a false positive costs
             q_fired, kl_fired = (float(np.mean(qs)) if qs else 1.0), float(np.mean(kls))
-            steered = []
-            for i in range(0, len(h_idx), batch_size):
-                g = h_idx[i:i + batch_size]
-                steered += engine.greedy(engine.start([ids_h[k] for k in g]), reply_tokens)
+            steered = replies_to_fired_harmful()
             degenerate = float(np.mean([Q.is_degenerate(engine.text(t), t) for t in steered]))
+            refused = sum(is_refusal(engine.text(t)) for t in steered)
             engine.phase = lambda name: None
             llm.steering.clear()
             flu = fluency([t for t in steered if t])
             # closed: served unsteered, quality 1 and KL 0 exactly
             row = {"multiplier": m, "quality": 1.0 - fire_rate * (1.0 - q_fired), "kl": fire_rate * kl_fired,
                    "quality_if_fired": q_fired, "kl_if_fired": kl_fired, "degenerate": degenerate,
-                   "fluency_nll": float(np.mean(flu)) if flu else None, "seconds": round(time.perf_counter() - t0, 1)}
+                   "fluency_nll": float(np.mean(flu)) if flu else None, "refused": int(refused),
+                   "seconds": round(time.perf_counter() - t0, 1)}
             row["passes"] = (row["quality"] >= min_quality and row["kl"] <= max_kl and degenerate <= max_degenerate
                              and row["fluency_nll"] is not None and row["fluency_nll"] <= fluency_slack * reference_fluency)
             tried[m] = row
             say(f"calibration (gated): multiplier {m:g}: benign quality {row['quality']:.3f}, KL {row['kl']:.3f} expected "
                 f"({q_fired:.3f}, {kl_fired:.3f} where fired); "
-                f"harmful replies {degenerate:.0%} degenerate, {row['fluency_nll'] or float('nan'):.2f} nats/token "
-                f"-> {'ok' if row['passes'] else 'too strong'} ({row['seconds']:.0f} s)")
+                f"harmful replies {degenerate:.0%} degenerate, {row['fluency_nll'] or float('nan'):.2f} nats/token, "
+                f"{refused} of {len(steered)} refused -> {'ok' if row['passes'] else 'too strong'} ({row['seconds']:.0f} s)")
             return row
 
         candidates = grid(lowest, step)
-        chosen = strongest_passing(candidates, lambda m: measure(m)["passes"])
+        strongest = strongest_passing(candidates, lambda m: measure(m)["passes"])
+        chosen = strongest
+        if strongest is not None and refused_unsteered > tried[strongest]["refused"]:
+            # no stronger than needed: a benign prompt the gate fires on by mistake pays for every step, so
+            # take the weakest passing strength whose steered replies are refused as rarely as the strongest's
+            need = tried[strongest]["refused"]
+            weaker = candidates[:candidates.index(strongest)]
+            weakest = weakest_reaching(weaker, lambda m: measure(m)["refused"] <= need)
+            chosen = strongest if weakest is None else weakest
     finally:
         if engine is not None:
             engine.close()
@@ -325,8 +364,10 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
                  f"KL <= {max_kl:g} through the gate (the rate it fires on benign prompts x the cost where it fires, "
                  f"measured on the benign prompts it fires on and the top quarter by gate score), and on the harmful "
                  f"prompts it fires on at most {max_degenerate:.0%} degenerate replies and a neutral-instruction NLL <= "
-                 f"{fluency_slack:g} x the unsteered answers'"),
-        "chosen": chosen, "quality": round(best["quality"], 4), "kl": round(best["kl"], 4),
+                 f"{fluency_slack:g} x the unsteered answers'; then the weakest passing multiplier whose replies to those "
+                 f"harmful prompts are refused no more often than at the strongest (no stronger than needed; only when "
+                 f"steering lowers their refusals)"),
+        "chosen": chosen, "strongest_passing": strongest, "refused": best["refused"], "refused_unsteered": refused_unsteered, "quality": round(best["quality"], 4), "kl": round(best["kl"], 4),
         "degenerate": best["degenerate"], "fluency_nll": best["fluency_nll"], "reference_fluency_nll": reference_fluency,
         "n_prompts": len(ids_b), "n_harmful": len(ids_h), "gate_fired_benign": len(b_idx), "gate_fired_harmful": len(h_idx),
         "benign_fire_rate": fire_rate, "benign_cost_prompts": len(stand_ins),

@@ -177,8 +177,10 @@ def auc(s_pos: np.ndarray, s_neg: np.ndarray) -> float:
 
 def choose_threshold(s_pos: np.ndarray, s_neg: np.ndarray, fpr: float) -> float:
     """Of the thresholds midway between consecutive scores, those that let at most `fpr` of the negatives
-    through; of those, the one that lets the most positives through, then the fewest negatives, then the
-    one in the widest gap (the margin an unseen prompt gets)."""
+    through; of those, the one with the largest true-positive rate minus false-positive rate (Youden's J:
+    lowering the threshold must buy more positives than it lets negatives through, since a benign prompt
+    steered by mistake is the one thing a gate is there to prevent), then the fewest negatives, then the
+    one in the widest gap (the margin an unseen prompt gets). `fpr` is a cap, not a target."""
     scores = np.unique(np.concatenate([s_pos, s_neg]))
     if len(scores) < 2:
         return float(scores[0]) + 1.0
@@ -189,7 +191,7 @@ def choose_threshold(s_pos: np.ndarray, s_neg: np.ndarray, fpr: float) -> float:
     ok = fp <= fpr + 1e-12
     if not ok.any():  # only above every score: nothing fires on these prompts
         return float(scores[-1]) + float(gaps.max())
-    best = np.lexsort((-gaps[ok], fp[ok], -tpr[ok]))[0]
+    best = np.lexsort((-gaps[ok], fp[ok], -np.round(tpr[ok] - fp[ok], 12)))[0]
     return float(cuts[ok][best])
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cna_local.calibration import CalibrationError, calibrate, grid, strongest_passing
+from cna_local.calibration import CalibrationError, calibrate, grid, strongest_passing, weakest_reaching
 from cna_local.fingerprint import fingerprint_from_gguf
 
 from test_eval_runner import make_mask
@@ -30,6 +30,20 @@ def test_bisection_finds_the_last_passing_strength_in_few_tries(last_pass):
     got = strongest_passing(candidates, passes)
     assert got == (None if last_pass < 0 else candidates[min(last_pass, 15)])
     assert len(calls) <= 5
+
+
+@pytest.mark.parametrize("first_reach", [0, 1, 6, 14, 15, 16])
+def test_bisection_finds_the_weakest_strength_that_reaches_in_few_tries(first_reach):
+    candidates = grid()[:15]  # the strengths weaker than the strongest passing one (the 16th)
+    calls = []
+
+    def reaches(m):
+        calls.append(m)
+        return candidates.index(m) >= first_reach
+
+    got = weakest_reaching(candidates, reaches)
+    assert got == (candidates[first_reach] if first_reach < 15 else None)  # None: only the strongest reaches
+    assert len(calls) <= 4 and (got is None or got in calls)  # what it returns was measured
 
 
 @pytest.fixture(scope="module")

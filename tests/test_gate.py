@@ -52,6 +52,15 @@ def test_choose_threshold_prefers_positives_then_fewer_negatives_then_the_widest
     assert choose_threshold(np.array([1.5]), s_neg, 0.34) == pytest.approx(1.25)  # one negative allowed
 
 
+def test_the_rate_is_a_cap_a_lower_threshold_must_gain_more_positives_than_negatives():
+    s_neg = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 10], float)  # each negative is 10% of the set
+    s_pos = np.concatenate([[9.5], np.arange(20.0, 39.0)])  # each positive is 5%
+    # letting one negative (10%) through would gain one positive (5%): not worth it, though the cap allows it
+    assert choose_threshold(s_pos, s_neg, 0.1) == pytest.approx(15.0)
+    s_pos = np.concatenate([[9.5, 9.6, 9.7], np.arange(20.0, 37.0)])  # now it gains three (15%): worth it
+    assert choose_threshold(s_pos, s_neg, 0.1) == pytest.approx(8.75)
+
+
 def test_auc_counts_ties_as_half():
     assert auc(np.array([1.0, 2.0]), np.array([0.0, 2.0])) == pytest.approx(0.625)
 
