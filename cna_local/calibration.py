@@ -73,6 +73,19 @@ def weakest_reaching(candidates: Sequence[float], reaches: Callable[[float], boo
     return None if hi >= len(candidates) else candidates[hi]
 
 
+def no_stronger_than_needed(candidates: Sequence[float], strongest: float | None, refused_unsteered: int,
+                            refused_at: Callable[[float], int]) -> float | None:
+    """The strongest passing strength, or, when the unsteered model refuses some of the calibration prompts
+    and the strongest leaves none refused, the weakest candidate that leaves none (bisected). A benign prompt
+    the gate fires on by mistake pays for every step, and once no prompt is refused a stronger step buys
+    nothing. Only then: a plateau short of zero on 20 prompts says little (default model: 5 of 19 refused at
+    -3.25 and at -5.25, but 14 and 7 of the 60 held-out prompts)."""
+    if strongest is None or refused_unsteered == 0 or refused_at(strongest) != 0:
+        return strongest
+    weakest = weakest_reaching(candidates[:candidates.index(strongest)], lambda m: refused_at(m) == 0)
+    return strongest if weakest is None else weakest
+
+
 @dataclass
 class _References:
     """The unsteered model's greedy replies to calibration prompts, their likelihood and first-token
@@ -239,11 +252,12 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
         `max_degenerate` of them degenerate, and their mean per-token NLL under the unsteered model after a
         neutral instruction at most `fluency_slack` times that of the unsteered model's own replies to the
         benign prompts (what its ordinary answers read like);
-    then, no stronger than needed: when steering lowers how many of those harmful replies are refusals, the
-    weakest passing strength whose replies are refused no more often than at the strongest. Every step
-    stronger costs the benign prompts the gate fires on by mistake, and buys nothing once the refusals are
-    gone (measured on the 1.5B model: -1 and -2.25 both refused none of the held-out harmful prompts, at
-    benign KL 0.018 and 0.025).
+    then, no stronger than needed: when the unsteered model refuses some of those harmful prompts and the
+    strongest passing strength leaves none of them refused, the weakest passing strength that leaves none.
+    Every step stronger costs the benign prompts the gate fires on by mistake, and buys nothing once the
+    refusals are gone (measured on the 1.5B model: -1 and -2.25 both refused none of the held-out harmful
+    prompts, at benign KL 0.018 and 0.025). A mask for another behaviour (no refusals unsteered) keeps the
+    strongest passing strength.
     """
     from .evaluation import quality as Q
     from .evaluation.engine import Engine
@@ -344,13 +358,7 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
         candidates = grid(lowest, step)
         strongest = strongest_passing(candidates, lambda m: measure(m)["passes"])
         chosen = strongest
-        if strongest is not None and refused_unsteered > tried[strongest]["refused"]:
-            # no stronger than needed: a benign prompt the gate fires on by mistake pays for every step, so
-            # take the weakest passing strength whose steered replies are refused as rarely as the strongest's
-            need = tried[strongest]["refused"]
-            weaker = candidates[:candidates.index(strongest)]
-            weakest = weakest_reaching(weaker, lambda m: measure(m)["refused"] <= need)
-            chosen = strongest if weakest is None else weakest
+        chosen = no_stronger_than_needed(candidates, strongest, refused_unsteered, lambda m: measure(m)["refused"])
     finally:
         if engine is not None:
             engine.close()
@@ -364,9 +372,8 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
                  f"KL <= {max_kl:g} through the gate (the rate it fires on benign prompts x the cost where it fires, "
                  f"measured on the benign prompts it fires on and the top quarter by gate score), and on the harmful "
                  f"prompts it fires on at most {max_degenerate:.0%} degenerate replies and a neutral-instruction NLL <= "
-                 f"{fluency_slack:g} x the unsteered answers'; then the weakest passing multiplier whose replies to those "
-                 f"harmful prompts are refused no more often than at the strongest (no stronger than needed; only when "
-                 f"steering lowers their refusals)"),
+                 f"{fluency_slack:g} x the unsteered answers'; then, if the strongest leaves none of those harmful prompts "
+                 f"refused, the weakest passing multiplier that leaves none (no stronger than needed)"),
         "chosen": chosen, "strongest_passing": strongest, "refused": best["refused"], "refused_unsteered": refused_unsteered, "quality": round(best["quality"], 4), "kl": round(best["kl"], 4),
         "degenerate": best["degenerate"], "fluency_nll": best["fluency_nll"], "reference_fluency_nll": reference_fluency,
         "n_prompts": len(ids_b), "n_harmful": len(ids_h), "gate_fired_benign": len(b_idx), "gate_fired_harmful": len(h_idx),

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from cna_local.calibration import CalibrationError, calibrate, grid, strongest_passing, weakest_reaching
+from cna_local.calibration import (CalibrationError, calibrate, grid, no_stronger_than_needed, strongest_passing,
+                                   weakest_reaching)
 from cna_local.fingerprint import fingerprint_from_gguf
 
 from test_eval_runner import make_mask
@@ -44,6 +45,21 @@ def test_bisection_finds_the_weakest_strength_that_reaches_in_few_tries(first_re
     got = weakest_reaching(candidates, reaches)
     assert got == (candidates[first_reach] if first_reach < 15 else None)  # None: only the strongest reaches
     assert len(calls) <= 4 and (got is None or got in calls)  # what it returns was measured
+
+
+def test_through_the_gate_the_default_is_no_stronger_than_it_takes_to_leave_no_prompt_refused():
+    candidates = grid(-6.0)  # 0.75 ... -6
+    refused = {0.5: 7, 0.25: 3, 0.0: 1}  # the 1.5B model's calibration: none refused from -0.25 on
+
+    def at(m):
+        return refused.get(m, 0 if m < 0.25 else 9)
+
+    assert no_stronger_than_needed(candidates, -4.5, 18, at) == -0.25
+    # refusals left at the strongest (a plateau on 20 prompts says little): the strongest stays
+    assert no_stronger_than_needed(candidates, -4.5, 18, lambda m: 5 if m <= -3.25 else 9) == -4.5
+    # nothing refused unsteered (another behaviour than refusal, or a model that never refuses): the strongest
+    assert no_stronger_than_needed(candidates, -4.5, 0, lambda m: 0) == -4.5
+    assert no_stronger_than_needed(candidates, None, 18, at) is None
 
 
 @pytest.fixture(scope="module")

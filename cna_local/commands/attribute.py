@@ -87,8 +87,9 @@ FALLBACK_MULTIPLIER = -1.5
                    "from NEGATIVE best over every layer (chosen again inside each fold); mask, the mask's own; N, "
                    "the best N. Reading a neuron does not steer it.")
 @click.option("--gate-fpr", type=float, default=0.05, show_default=True, metavar="RATE",
-              help="The share of NEGATIVE prompts the gate may fire on, measured out of fold (each prompt scored by "
-                   "a gate fitted without it).")
+              help="The most NEGATIVE prompts the gate may fire on, measured out of fold (each prompt scored by a "
+                   "gate fitted without it). A cap: under it the threshold lets through the most positive prompts "
+                   "net of negative ones (true-positive minus false-positive rate), so it often fires on fewer.")
 @click.option("--name", default=None, help="A label stored in the mask file.")
 @click.option("--no-cache", is_flag=True,
               help="Do not read or write the caches (dequantized GGUF weights, contrast-pair statistics).")
