@@ -47,30 +47,30 @@ def grid(lowest: float = LOWEST, step: float = STEP) -> list[float]:
     return [round(1.0 - step * (i + 1), 6) for i in range(n)]
 
 
-def strongest_passing(candidates: Sequence[float], passes: Callable[[float], bool]) -> float | None:
-    """Bisection for the last candidate that passes, assuming a prefix passes and the rest fails; None if
-    the first fails."""
-    lo, hi = -1, len(candidates)  # candidates[lo] passes (or lo = -1), candidates[hi] fails (or hi = len)
+def _first(candidates: Sequence[float], holds: Callable[[float], bool]) -> int:
+    """Bisection for the index of the first candidate where `holds`, assuming those are a suffix (len if
+    none); every index it returns below len was measured."""
+    lo, hi = -1, len(candidates)  # holds fails at lo (or lo = -1) and holds at hi (or hi = len)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if passes(candidates[mid]):
-            lo = mid
-        else:
+        if holds(candidates[mid]):
             hi = mid
-    return None if lo < 0 else candidates[lo]
+        else:
+            lo = mid
+    return hi
+
+
+def strongest_passing(candidates: Sequence[float], passes: Callable[[float], bool]) -> float | None:
+    """The last candidate that passes, assuming a prefix passes and the rest fails; None if the first fails."""
+    i = _first(candidates, lambda m: not passes(m))
+    return candidates[i - 1] if i > 0 else None
 
 
 def weakest_reaching(candidates: Sequence[float], reaches: Callable[[float], bool]) -> float | None:
-    """Bisection for the first candidate that reaches, assuming the ones that reach are a suffix; None if
-    none of `candidates` reaches (the caller's stronger candidate, beyond the list, is taken to)."""
-    lo, hi = -1, len(candidates)  # candidates[lo] does not reach (or lo = -1), candidates[hi] reaches (or hi = len)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if reaches(candidates[mid]):
-            hi = mid
-        else:
-            lo = mid
-    return None if hi >= len(candidates) else candidates[hi]
+    """The first candidate that reaches, assuming the ones that reach are a suffix; None if none of
+    `candidates` reaches (the caller's stronger candidate, beyond the list, is taken to)."""
+    i = _first(candidates, reaches)
+    return candidates[i] if i < len(candidates) else None
 
 
 def no_stronger_than_needed(candidates: Sequence[float], strongest: float | None, refused_unsteered: int,
