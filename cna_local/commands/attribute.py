@@ -291,7 +291,7 @@ def _print_summary(s: dict) -> None:
         oof = g["out_of_fold"]
         whose = "the mask's" if g.get("neurons", "mask") == "mask" else "its own"
         click.echo(f"  gate ({g['method']}, {g['n_neurons']} neurons, {whose}): fires on {oof['tpr']:.0%} of positive and "
-                   f"{oof['fpr']:.0%} of negative prompts, out of fold (target <= {g['fpr_target']:.0%}; AUC {oof['auc']:.3f})")
+                   f"{oof['fpr']:.0%} of negative prompts, out of fold (cap {g['fpr_target']:.0%}; AUC {oof['auc']:.3f})")
         gcal = g.get("calibration")
         if gcal and "chosen" in gcal:
             click.echo(f"  multiplier {gcal['chosen']:g} through the gate ({len(gcal['tried'])} strengths tried: harmful replies "

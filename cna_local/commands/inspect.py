@@ -94,7 +94,7 @@ def inspect(mask_path: Path, as_json: bool, top: int) -> None:
               else "the mask's neurons")
         click.echo(f"  gate        {g.get('method')} on {on}, threshold {g['threshold']:.4g}: fired on "
                    f"{oof.get('tpr', 0):.0%} of positive and {oof.get('fpr', 0):.0%} of negative prompts out of fold "
-                   f"(target <= {g.get('fpr_target', 0):.0%}); runtimes steer only prompts it fires on")
+                   f"(cap {g.get('fpr_target', 0):.0%}); runtimes steer only prompts it fires on")
         if report["static_multiplier"] is not None:
             click.echo(f"              multiplier {report['multiplier']:g} through the gate, "
                        f"{report['static_multiplier']:g} on every prompt (gate off)")
