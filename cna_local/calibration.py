@@ -357,7 +357,6 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
 
         candidates = grid(lowest, step)
         strongest = strongest_passing(candidates, lambda m: measure(m)["passes"])
-        chosen = strongest
         chosen = no_stronger_than_needed(candidates, strongest, refused_unsteered, lambda m: measure(m)["refused"])
     finally:
         if engine is not None:
@@ -374,7 +373,8 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
                  f"prompts it fires on at most {max_degenerate:.0%} degenerate replies and a neutral-instruction NLL <= "
                  f"{fluency_slack:g} x the unsteered answers'; then, if the strongest leaves none of those harmful prompts "
                  f"refused, the weakest passing multiplier that leaves none (no stronger than needed)"),
-        "chosen": chosen, "strongest_passing": strongest, "refused": best["refused"], "refused_unsteered": refused_unsteered, "quality": round(best["quality"], 4), "kl": round(best["kl"], 4),
+        "chosen": chosen, "strongest_passing": strongest, "refused": best["refused"], "refused_unsteered": refused_unsteered,
+        "quality": round(best["quality"], 4), "kl": round(best["kl"], 4),
         "degenerate": best["degenerate"], "fluency_nll": best["fluency_nll"], "reference_fluency_nll": reference_fluency,
         "n_prompts": len(ids_b), "n_harmful": len(ids_h), "gate_fired_benign": len(b_idx), "gate_fired_harmful": len(h_idx),
         "benign_fire_rate": fire_rate, "benign_cost_prompts": len(stand_ins),

@@ -162,7 +162,7 @@ def _read_fingerprint(path: Path) -> Fingerprint:
     try:
         index = GGUFIndex(path)
     except GGUFIndexError as exc:
-        raise FingerprintError(f"{exc}") from exc
+        raise FingerprintError(str(exc)) from exc
 
     def field(key: str):
         value = index.value(key)

@@ -85,7 +85,10 @@ class GGUFIndex:
                 lib = _library()
             except (ImportError, AttributeError, OSError):
                 lib = None  # no usable libllama here: the pure-Python reader below
-        (self._read_with_ggml if lib is not None else self._read_with_gguf_py)(lib)
+        if lib is not None:
+            self._read_with_ggml(lib)
+        else:
+            self._read_with_gguf_py()
         try:
             self._data = np.memmap(self.path, mode="r")
         except (OSError, ValueError) as exc:
@@ -133,7 +136,7 @@ class GGUFIndex:
             raw = ctypes.string_at(lib.gguf_get_arr_data(ctx, k), n * dtype.itemsize)
             self.values[key] = np.frombuffer(raw, dtype).tolist()
 
-    def _read_with_gguf_py(self, _lib) -> None:
+    def _read_with_gguf_py(self) -> None:
         import gguf
 
         try:

@@ -74,7 +74,7 @@ def gguf_down_weights(path: Path):
     try:
         index = GGUFIndex(path)
     except GGUFIndexError as exc:  # a damaged model file
-        raise ExportError(f"{exc}") from exc
+        raise ExportError(str(exc)) from exc
     tensors = index.tensors
 
     def down(layer: int) -> np.ndarray:
