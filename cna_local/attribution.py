@@ -12,7 +12,7 @@ import numpy as np
 from . import __version__
 from .activation_stats import ActivationStats, as_source
 from .contrast_stats import contrast_stats
-from .gate import DEFAULT_FOLDS, DEFAULT_FPR, DEFAULT_METHOD, GateError, fit_gate
+from .gate import DEFAULT_FOLDS, DEFAULT_FPR, DEFAULT_FPR_STRENGTHEN, DEFAULT_METHOD, GateError, fit_gate
 from .maskfile import NeuronMask
 from .prompts import PromptSet, load_contrast_pairs
 from .scoring import (
@@ -54,6 +54,7 @@ class AttributionOptions:
     # negative prompts (out of fold) it may fire on
     gate: bool = True
     gate_fpr: float = DEFAULT_FPR
+    gate_fpr_strengthen: float | None = DEFAULT_FPR_STRENGTHEN  # the cap for multipliers above 1 (None: gate_fpr's threshold)
     gate_method: str = DEFAULT_METHOD
     # which neurons the gate reads: "auto" (its own, as many as the mask holds, the best by |t| over every
     # layer: fewer misses on held-out prompts, REPORT.md section 8), "mask" (the mask's), or a count
@@ -195,11 +196,13 @@ def attribute(
         if own is None:
             rows = (selection.layers, selection.neurons)
             gate = fit_gate(pos_stats.values[:, rows[0], rows[1]], neg_stats.values[:, rows[0], rows[1]],
-                            fpr=opts.gate_fpr, method=opts.gate_method, folds=folds)
+                            fpr=opts.gate_fpr, method=opts.gate_method, folds=folds,
+                            fpr_strengthen=opts.gate_fpr_strengthen)
         else:  # every layer's values: the gate picks its own neurons
             n = pos_stats.values.shape[1] * pos_stats.values.shape[2]
             gate = fit_gate(pos_stats.values.reshape(pos_stats.n, n), neg_stats.values.reshape(neg_stats.n, n),
                             fpr=opts.gate_fpr, method=opts.gate_method, folds=folds, own=own,
+                            fpr_strengthen=opts.gate_fpr_strengthen,
                             n_ff=pos_stats.values.shape[2])
         seconds["gate"] = time.perf_counter() - t0
 

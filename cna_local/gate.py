@@ -12,6 +12,15 @@ a stated false-positive rate on the negative set, from out-of-fold scores: the p
 `folds` parts and each part is scored by a gate fitted on the others, so the threshold is not chosen on
 scores a gate saw while fitting. A prompt whose gate stays closed runs unsteered, exactly.
 
+Two thresholds, one per direction of steering. Weakening (multiplier < 1) a behaviour the model shows on
+positive prompts pays on every positive prompt the gate catches; strengthening it (multiplier > 1) pays
+only on the positives the model does not already show it on, while each negative prompt the gate fires on
+by mistake is pushed toward the behaviour (for refusal: an over-refusal). So strengthening gets its own,
+stricter threshold, set the same way under a lower false-positive cap (`DEFAULT_FPR_STRENGTHEN`), never
+below the weakening one. Measured on the 1.5B model's held-out sets (REPORT.md section 8): with one
+threshold, strengthening at 1.25-2 raised over-refusal from 0.033 to 0.050-0.067 through the gate's two
+benign false positives.
+
 Which neurons it reads: by default its own, the k (as many as the mask holds) that separate the sets best
 over every layer by |t| (mean difference over pooled standard deviation), chosen again inside each fold
 so the out-of-fold rates stay honest. They need not be steered to be read: the FFN capture hands over
@@ -33,6 +42,7 @@ METHODS = ("lda", "mean_diff")
 """lda: (mean_pos - mean_neg) / pooled variance per neuron (the default); mean_diff: mean_pos - mean_neg."""
 DEFAULT_METHOD = "lda"
 DEFAULT_FPR = 0.05
+DEFAULT_FPR_STRENGTHEN = 0.01  # at most 1 in 100 ordinary prompts pushed toward the behaviour
 DEFAULT_FOLDS = 5
 
 
@@ -43,17 +53,25 @@ class GateError(CnaLocalError):
 @dataclass(frozen=True, eq=False)
 class Gate:
     """weights: float32 [N]. Without layers/neurons, one per mask entry in the mask's (layer, neuron)
-    order; with them, the gate's own neurons (sorted by layer, then neuron), which the mask need not hold."""
+    order; with them, the gate's own neurons (sorted by layer, then neuron), which the mask need not hold.
+    threshold: where it fires when steering weakens (multiplier <= 1); threshold_strengthen: where it fires
+    when steering strengthens (multiplier > 1), >= threshold (None: threshold in both directions)."""
 
     weights: np.ndarray
     threshold: float
     info: dict = field(default_factory=dict)  # method, fpr target, out-of-fold rates, n prompts ...
     layers: np.ndarray | None = None
     neurons: np.ndarray | None = None
+    threshold_strengthen: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "weights", np.asarray(self.weights, np.float32).reshape(-1))
         check_gate(self.weights, self.threshold, "this gate")
+        if self.threshold_strengthen is not None:
+            check_gate(self.weights, self.threshold_strengthen, "this gate (strengthening)")
+            if float(self.threshold_strengthen) < float(self.threshold):
+                raise GateError(f"the gate's strengthening threshold {self.threshold_strengthen:g} is below its weakening "
+                                f"threshold {self.threshold:g}; strengthening must fire on no more prompts than weakening.")
         if (self.layers is None) != (self.neurons is None):
             raise GateError("a gate's own neurons need both their layers and their indices.")
         if self.layers is not None:
@@ -92,9 +110,20 @@ class Gate:
             raise GateError(f"the gate weighs {len(self.weights)} neurons but got values for {values.shape[-1]}.")
         return values @ self.weights.astype(np.float64)
 
-    def fires(self, values: np.ndarray) -> np.ndarray | bool:
-        s = self.score(values)
-        return bool(s >= self.threshold) if np.ndim(s) == 0 else s >= self.threshold
+    def threshold_for(self, multiplier: float | None = None) -> float:
+        """The threshold at `multiplier`: the strengthening one above 1 (when the gate has one), else the
+        weakening one (None: weakening)."""
+        if multiplier is not None and multiplier > 1.0 and self.threshold_strengthen is not None:
+            return float(self.threshold_strengthen)
+        return float(self.threshold)
+
+    def fires(self, values: np.ndarray, multiplier: float | None = None) -> np.ndarray | bool:
+        s, t = self.score(values), self.threshold_for(multiplier)
+        return bool(s >= t) if np.ndim(s) == 0 else s >= t
+
+    def with_weights(self, weights: np.ndarray) -> "Gate":
+        """The same gate over reordered weights (its thresholds and record kept)."""
+        return Gate(weights, self.threshold, self.info, self.layers, self.neurons, self.threshold_strengthen)
 
     @classmethod
     def always(cls, n: int) -> "Gate":
@@ -196,9 +225,11 @@ def choose_threshold(s_pos: np.ndarray, s_neg: np.ndarray, fpr: float) -> float:
 
 
 def fit_gate(pos: np.ndarray, neg: np.ndarray, fpr: float = DEFAULT_FPR, method: str = DEFAULT_METHOD,
-             folds: int = DEFAULT_FOLDS, seed: int = 0, own: int | None = None, n_ff: int | None = None) -> Gate:
+             folds: int = DEFAULT_FOLDS, seed: int = 0, own: int | None = None, n_ff: int | None = None,
+             fpr_strengthen: float | None = DEFAULT_FPR_STRENGTHEN) -> Gate:
     """A gate on values [n, N] at the last prompt token of each positive and negative prompt; its threshold
-    lets through at most `fpr` of the negative prompts' out-of-fold scores.
+    lets through at most `fpr` of the negative prompts' out-of-fold scores, its strengthening threshold at
+    most `fpr_strengthen` (never below the first; None: no separate strengthening threshold).
 
     own=None: the values are the mask's neurons'. own=k: the values are whole captured rows (every layer's
     n_ff neurons, layers in order) and the gate reads the k that separate the sets best (`top_by_t`),
@@ -208,6 +239,8 @@ def fit_gate(pos: np.ndarray, neg: np.ndarray, fpr: float = DEFAULT_FPR, method:
         raise GateError(f"gate values must be [prompts, neurons] for both sets; got {list(pos.shape)} and {list(neg.shape)}.")
     if not 0.0 <= fpr < 1.0:
         raise GateError(f"the gate's false-positive rate must be in [0, 1), got {fpr}.")
+    if fpr_strengthen is not None and not 0.0 <= fpr_strengthen < 1.0:
+        raise GateError(f"the gate's false-positive rate for strengthening must be in [0, 1), got {fpr_strengthen}.")
     folds = int(folds)
     if folds < 2 or min(len(pos), len(neg)) < folds:
         raise GateError(f"fitting a gate with {folds} folds needs at least {max(folds, 2)} prompts in each set; "
@@ -222,6 +255,9 @@ def fit_gate(pos: np.ndarray, neg: np.ndarray, fpr: float = DEFAULT_FPR, method:
         select = lambda p, n: top_by_t(p, n, own)  # noqa: E731
     s_pos, s_neg, fold_directions = out_of_fold_scores(pos, neg, method, folds, seed, select)
     threshold = choose_threshold(s_pos, s_neg, fpr)
+    strengthen = None
+    if fpr_strengthen is not None:
+        strengthen = max(threshold, choose_threshold(s_pos, s_neg, fpr_strengthen))
     cols = select(pos, neg) if select is not None else np.arange(pos.shape[1])
     w_cols = direction(pos[:, cols], neg[:, cols], method)
     w = np.zeros(pos.shape[1])
@@ -239,10 +275,15 @@ def fit_gate(pos: np.ndarray, neg: np.ndarray, fpr: float = DEFAULT_FPR, method:
                       "fpr": round(float(((neg[:, cols] @ w_cols) >= threshold).mean()), 4)},
         "fold_cosine_min": round(min(cos), 4),
     }
+    if strengthen is not None:
+        info["strengthen"] = {"fpr_target": fpr_strengthen, "threshold": float(strengthen),
+                              "out_of_fold": {"tpr": round(float((s_pos >= strengthen).mean()), 4),
+                                              "fpr": round(float((s_neg >= strengthen).mean()), 4)}}
     if select is None:
-        return Gate(w.astype(np.float32), float(threshold), info)
+        return Gate(w.astype(np.float32), float(threshold), info, threshold_strengthen=strengthen)
     layers, neurons = np.divmod(cols, n_ff)
-    return Gate(w_cols.astype(np.float32), float(threshold), info, layers=layers, neurons=neurons)
+    return Gate(w_cols.astype(np.float32), float(threshold), info, layers=layers, neurons=neurons,
+                threshold_strengthen=strengthen)
 
 
 def row_columns(layers: np.ndarray, neurons: np.ndarray, n_ff: int) -> np.ndarray:

@@ -24,12 +24,16 @@ Format v1 follows llama.cpp's adapter conventions (like LoRA GGUFs):
   adapter.neuron_mask.static_multiplier  f32  optional (version 3): the default multiplier when the gate is
                                               not used (every prompt steered); `multiplier` is then the
                                               default through the gate
+  adapter.neuron_mask.gate_threshold_strengthen
+                                         f32  optional (version 5): where the gate fires when the multiplier
+                                              is above 1 (strengthening), >= gate_threshold
 
 A file whose schedule is "all" is written as version 1, so older readers still load it; one with
 another schedule is version 2, which older readers refuse by name instead of steering every position. A
 file with a gate on the mask's neurons is version 3, which older readers refuse by name instead of
 steering every prompt; one whose gate reads neurons of its own is version 4, which version 3 readers
-refuse by name instead of reading the wrong neurons.
+refuse by name instead of reading the wrong neurons; one whose gate has a strengthening threshold is
+version 5, which version 4 readers refuse by name instead of strengthening through the looser threshold.
 
   per layer with neurons (named after the weight they act on):
   blk.{il}.ffn_down.weight.neuron_idx    I32 [n]  neuron indices, strictly ascending
@@ -60,7 +64,7 @@ from .gate import Gate, GateError
 from .multipliers import check_multiplier
 from .schedules import SCHEDULES, check_schedule
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 ADAPTER_TYPE = "neuron_mask"
 KEY_PREFIX = f"adapter.{ADAPTER_TYPE}."
 GGUF_MAGIC = b"GGUF"
@@ -111,7 +115,7 @@ class NeuronMask:
             if self.scales is not None:
                 self.scales = self.scales[order]
             if self.gate is not None and not self.gate.own:
-                self.gate = Gate(self.gate.weights[order], self.gate.threshold, self.gate.info)
+                self.gate = self.gate.with_weights(self.gate.weights[order])
         if self.gate is not None and not self.gate.own and len(self.gate.weights) != len(self.layers):
             raise MaskFileError(f"the gate weighs {len(self.gate.weights)} neurons but the mask names {len(self.layers)}.")
         self.multiplier = check_multiplier(self.multiplier)
@@ -146,9 +150,11 @@ class NeuronMask:
 
     @property
     def version(self) -> int:
-        """The oldest format that holds this mask: 4 with a gate on neurons of its own, 3 with a gate on the
-        mask's, 2 with a schedule other than all, else 1."""
+        """The oldest format that holds this mask: 5 with a gate that has a strengthening threshold, 4 with a
+        gate on neurons of its own, 3 with a gate on the mask's, 2 with a schedule other than all, else 1."""
         if self.gate is not None:
+            if self.gate.threshold_strengthen is not None:
+                return 5
             return 4 if self.gate.own else 3
         return 1 if self.schedule == "all" else 2
 
@@ -202,6 +208,8 @@ class NeuronMask:
             writer.add_string(KEY_PREFIX + "calibration", json.dumps(meta["calibration"], sort_keys=True))
         if self.gate is not None:
             writer.add_float32(KEY_PREFIX + "gate_threshold", float(self.gate.threshold))
+            if self.gate.threshold_strengthen is not None:
+                writer.add_float32(KEY_PREFIX + "gate_threshold_strengthen", float(self.gate.threshold_strengthen))
             writer.add_string(KEY_PREFIX + "gate", json.dumps(self.gate.info, sort_keys=True))
             if self.static_multiplier is not None:
                 writer.add_float32(KEY_PREFIX + "static_multiplier", float(self.static_multiplier))
@@ -391,6 +399,8 @@ def read_mask(path: str | Path) -> NeuronMask:
     calibration = json_object("calibration")
     gate_info = json_object("gate")
     has_threshold = reader.get_field(KEY_PREFIX + "gate_threshold") is not None
+    strengthen = (value(KEY_PREFIX + "gate_threshold_strengthen", float)
+                  if reader.get_field(KEY_PREFIX + "gate_threshold_strengthen") is not None else None)
     static_multiplier = (value(KEY_PREFIX + "static_multiplier", float)
                          if reader.get_field(KEY_PREFIX + "static_multiplier") is not None else None)
 
@@ -432,10 +442,20 @@ def read_mask(path: str | Path) -> NeuronMask:
         what = "no neuron_gate tensors" if not with_gate else "no gate_threshold entry"
         raise MaskFileError(f"{path} is a version 3 (gated) mask with {what}: the gate is damaged. "
                             "Fix: make the mask again with `cna-local attribute`.")
-    if version >= 4 and (with_gate or not gate_parts or not has_threshold):
+    if version == 4 and (with_gate or not gate_parts or not has_threshold):
         what = ("neuron_gate tensors, which belong to a version 3 gate" if with_gate else
                 "no neuron_gate_idx tensors" if not gate_parts else "no gate_threshold entry")
         raise MaskFileError(f"{path} is a version 4 (gated) mask with {what}: the gate is damaged. "
+                            "Fix: make the mask again with `cna-local attribute`.")
+    if strengthen is not None and version < 5:
+        raise MaskFileError(f"{path} is a version {version} mask with a gate_threshold_strengthen entry, which only version 5 "
+                            "has; the gate is damaged. Fix: make the mask again with `cna-local attribute`.")
+    if version >= 5 and (not (with_gate or gate_parts) or (with_gate and gate_parts) or not has_threshold
+                         or strengthen is None):
+        what = ("no gate tensors" if not (with_gate or gate_parts) else
+                "both neuron_gate and neuron_gate_idx tensors" if with_gate and gate_parts else
+                "no gate_threshold entry" if not has_threshold else "no gate_threshold_strengthen entry")
+        raise MaskFileError(f"{path} is a version {version} (gated) mask with {what}: the gate is damaged. "
                             "Fix: make the mask again with `cna-local attribute`.")
     own_layers, own_neurons, own_weights = [], [], []
     for layer in sorted(gate_parts):
@@ -490,9 +510,11 @@ def read_mask(path: str | Path) -> NeuronMask:
         try:
             if gate_parts:
                 gate = Gate(np.concatenate(own_weights), value(KEY_PREFIX + "gate_threshold", float), gate_info,
-                            layers=np.concatenate(own_layers), neurons=np.concatenate(own_neurons))
+                            layers=np.concatenate(own_layers), neurons=np.concatenate(own_neurons),
+                            threshold_strengthen=strengthen)
             else:
-                gate = Gate(np.concatenate(gates), value(KEY_PREFIX + "gate_threshold", float), gate_info)
+                gate = Gate(np.concatenate(gates), value(KEY_PREFIX + "gate_threshold", float), gate_info,
+                            threshold_strengthen=strengthen)
         except GateError as exc:
             raise MaskFileError(f"{path}: the gate is damaged: {str(exc).replace('this gate: ', '')}. "
                                 "Fix: make the mask again with `cna-local attribute`.") from None

@@ -253,7 +253,15 @@ def test_attribute_calibrates_the_default_multiplier_on_negative_prompts_it_hold
     gated = mask.gate.info["calibration"]
     assert mask.multiplier == gated["chosen"] if "chosen" in gated else gated["error"]
     assert summary["gate"]["folds"] == 2  # as many folds as the two negative prompts allow
+    # strengthening (multiplier > 1) gets its own threshold, under the --gate-fpr-strengthen cap, never below
+    assert mask.meta["version"] == 5 and summary["gate"]["strengthen"]["fpr_target"] == 0.01
+    assert summary["gate"]["threshold_strengthen"] == pytest.approx(mask.gate.threshold_strengthen)
+    assert mask.gate.threshold_strengthen >= mask.gate.threshold
     assert "calibrated" in run("inspect", out).output
+    assert "strengthening" in run("inspect", out).output
+    bad_rate = run("attribute", "--model", model, "--positive", pos, "--negative", neg, "--gate-fpr-strengthen", 1.5,
+                   "--out", tmp_path / "m4.gguf", "-q")
+    assert bad_rate.exit_code != 0 and "--gate-fpr-strengthen 1.5 is not a rate in [0, 1)" in bad_rate.output
 
     # too few prompts to hold out; an explicit multiplier skips the calibration
     bad = run("attribute", "--model", model, "--positive", pos, "--negative", neg, "--top-k", 3, "--score", "delta",

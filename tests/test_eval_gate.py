@@ -80,18 +80,23 @@ def test_a_fitted_gate_steers_exactly_the_prompts_it_fires_on(llm, mask, model):
         source.close()
     weights = np.random.default_rng(3).normal(size=len(mask)).astype(np.float32)
     scores = values.astype(np.float64) @ weights
-    gate = Gate(weights, float(np.median(scores)))
-    gated, static = evaluate_masks(llm, [dataclasses.replace(mask, gate=gate), mask], [[1.0, -4.0]] * 2, HARMFUL, BENIGN,
-                                   [], batch_size=4, **OPTIONS)
-    rows = gated.row(-4.0).harmful + gated.row(-4.0).benign
-    fired = [r["gate"]["fired"] for r in rows]
-    assert fired == list(scores >= gate.threshold) and any(fired) and not all(fired)
-    np.testing.assert_allclose([r["gate"]["score"] for r in rows], scores, rtol=1e-3, atol=1e-3)
+    # weakening fires on the upper half, strengthening (above 1) only on the top quarter
+    gate = Gate(weights, float(np.median(scores)), threshold_strengthen=float(np.quantile(scores, 0.75)))
+    gated, static = evaluate_masks(llm, [dataclasses.replace(mask, gate=gate), mask], [[1.0, -4.0, 3.0]] * 2, HARMFUL,
+                                   BENIGN, [], batch_size=4, **OPTIONS)
     base = gated.baseline.harmful + gated.baseline.benign
-    steered = static.row(-4.0).harmful + static.row(-4.0).benign
-    for r, b, s in zip(rows, base, steered):
-        want = s if r["gate"]["fired"] else b
-        assert r["answer"] == want["answer"] and r["refused"] == want["refused"]
+    for m, threshold in ((-4.0, gate.threshold), (3.0, gate.threshold_strengthen)):
+        rows = gated.row(m).harmful + gated.row(m).benign
+        fired = [r["gate"]["fired"] for r in rows]
+        assert fired == list(scores >= threshold) and any(fired) and not all(fired)
+        np.testing.assert_allclose([r["gate"]["score"] for r in rows], scores, rtol=1e-3, atol=1e-3)
+        steered = static.row(m).harmful + static.row(m).benign
+        for r, b, s in zip(rows, base, steered):
+            want = s if r["gate"]["fired"] else b
+            assert r["answer"] == want["answer"] and r["refused"] == want["refused"]
+    assert sum(r["gate"]["fired"] for r in gated.row(3.0).harmful + gated.row(3.0).benign) < \
+        sum(r["gate"]["fired"] for r in gated.row(-4.0).harmful + gated.row(-4.0).benign)
+    assert gated.settings["gate"]["threshold_strengthen"] == gate.threshold_strengthen
 
 
 def test_harmful_replies_are_scored_for_coherence(llm, mask):

@@ -1,5 +1,6 @@
 """The gate: fitted to a stated false-positive rate on the mask's neurons (stored as format version 3) or on
-neurons of its own (version 4), and refused with a clear error where its data is bad."""
+neurons of its own (version 4), with a stricter threshold for strengthening (version 5), and refused with a
+clear error where its data is bad."""
 
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def gated(**overrides):
 
 
 def test_a_gate_on_the_masks_neurons_is_version_3_and_round_trips(tmp_path):
-    assert FORMAT_VERSION == 4
+    assert FORMAT_VERSION == 5
     mask = gated()
     path = mask.save(tmp_path / "g.gguf")
     back = read_mask(path)
@@ -264,3 +265,78 @@ def test_the_inspect_command_shows_the_gate(tmp_path):
     assert "multiplier -4 through the gate, -1.5 on every prompt (gate off)" in out
     own = CliRunner().invoke(cli, ["inspect", str(own_gated().save(tmp_path / "g4.gguf"))]).output
     assert "gate        lda on 3 neurons of its own (layers 0-3), threshold 0.75" in own
+
+
+# -- a second, stricter threshold for strengthening (version 5)
+
+def test_strengthening_gets_a_threshold_under_a_lower_false_positive_cap():
+    pos, neg = separable(0.3)  # overlapping sets: both caps bind
+    gate = fit_gate(pos, neg, fpr=0.2, fpr_strengthen=0.02)
+    st = gate.info["strengthen"]
+    assert gate.threshold_strengthen > gate.threshold
+    assert st["fpr_target"] == 0.02 and st["threshold"] == gate.threshold_strengthen
+    assert st["out_of_fold"]["fpr"] <= 0.02 < gate.info["out_of_fold"]["fpr"]
+    assert st["out_of_fold"]["tpr"] <= gate.info["out_of_fold"]["tpr"]
+    # the same rule as the first threshold, under the lower cap
+    alone = fit_gate(pos, neg, fpr=0.02, fpr_strengthen=None)
+    assert gate.threshold_strengthen == pytest.approx(alone.threshold)
+    assert alone.threshold_strengthen is None and "strengthen" not in alone.info
+
+
+def test_the_strengthening_threshold_is_never_below_the_weakening_one():
+    pos, neg = separable(0.3)
+    gate = fit_gate(pos, neg, fpr=0.02, fpr_strengthen=0.2)  # a looser cap for strengthening
+    assert gate.threshold_strengthen == gate.threshold
+    with pytest.raises(GateError, match="strengthening threshold 1 is below its weakening threshold 2"):
+        Gate(np.ones(3), 2.0, threshold_strengthen=1.0)
+    with pytest.raises(GateError, match="false-positive rate for strengthening must be in"):
+        fit_gate(pos, neg, fpr_strengthen=1.0)
+
+
+def test_which_threshold_decides_follows_the_direction_of_the_multiplier():
+    gate = Gate(np.array([1.0]), 1.0, threshold_strengthen=3.0)
+    x = np.array([[0.5], [2.0], [4.0]])
+    for m in (None, -1.0, 0.0, 0.5, 1.0):  # weakening (and 1, which steers nothing)
+        assert gate.fires(x, m).tolist() == [False, True, True]
+    for m in (1.25, 2.0):  # strengthening: the prompt at 2.0 is no longer steered
+        assert gate.fires(x, m).tolist() == [False, False, True]
+    one = Gate(np.array([1.0]), 1.0)  # without a strengthening threshold: the same in both directions
+    assert one.fires(x, 2.0).tolist() == [False, True, True]
+
+
+@pytest.mark.parametrize("own", [False, True])
+def test_a_gate_with_a_strengthening_threshold_is_version_5_and_round_trips(tmp_path, own):
+    mask = own_gated() if own else gated()
+    mask = dataclasses.replace(mask, gate=dataclasses.replace(mask.gate, threshold_strengthen=1.5))
+    back = read_mask(mask.save(tmp_path / "g5.gguf"))
+    assert back.meta["version"] == 5 and back.gate.own == own
+    assert back.gate.threshold == pytest.approx(0.75) and back.gate.threshold_strengthen == pytest.approx(1.5)
+    np.testing.assert_array_equal(back.gate.weights, mask.gate.weights)
+
+
+def test_a_version_4_reader_refuses_a_version_5_mask_by_name(tmp_path, monkeypatch):
+    import cna_local.maskfile as maskfile
+
+    mask = own_gated()
+    path = dataclasses.replace(mask, gate=dataclasses.replace(mask.gate, threshold_strengthen=1.5)).save(tmp_path / "g5.gguf")
+    monkeypatch.setattr(maskfile, "FORMAT_VERSION", 4)  # would otherwise strengthen through the looser threshold
+    with pytest.raises(MaskFileError, match="version 5 mask; this cna-local reads up to version 4.*upgrade"):
+        read_mask(path)
+
+
+V5 = {**V3, KEY_PREFIX + "version": 5, KEY_PREFIX + "gate_threshold_strengthen": 0.75}
+
+
+@pytest.mark.parametrize("kv, tensors, message", [
+    ({**V4, KEY_PREFIX + "gate_threshold_strengthen": 0.75}, own_gate_tensors([1], [1.0]),
+     "version 4 mask with a gate_threshold_strengthen entry"),
+    ({**V5, KEY_PREFIX + "gate_threshold_strengthen": None}, own_gate_tensors([1], [1.0]), "no gate_threshold_strengthen entry"),
+    ({**V5, KEY_PREFIX + "gate_threshold_strengthen": 0.25}, own_gate_tensors([1], [1.0]), "below its weakening threshold"),
+    ({**V5, KEY_PREFIX + "gate_threshold_strengthen": float("nan")}, gate_tensor([1.0, 2.0]), "threshold is nan"),
+    (V5, {}, r"version 5 \(gated\) mask with no gate tensors"),
+    (V5, {**own_gate_tensors([1], [1.0]), **gate_tensor([1.0, 2.0])}, "both neuron_gate and neuron_gate_idx"),
+])
+def test_bad_strengthening_gate_data_is_a_clear_error(tmp_path, kv, tensors, message):
+    path = write_gguf(tmp_path / "bad.gguf", good_kv(**{**kv, KEY_PREFIX + "n_neurons": 2}), {**good_tensors(), **tensors})
+    with pytest.raises(MaskFileError, match=message):
+        read_mask(path)

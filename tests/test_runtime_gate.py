@@ -179,3 +179,20 @@ def test_the_mask_own_strength_follows_the_gate(llm, mask):
     assert llm.multiplier == 2.0  # a strength the user chose stays
     llm.set_mask(both, gate=False)
     assert llm.multiplier == -1.0
+
+
+def test_strengthening_is_decided_by_the_stricter_threshold(llm, mask):
+    """A gate whose weakening threshold fires on a prompt and whose strengthening threshold does not:
+    below multiplier 1 the prompt is steered, above 1 it is served unsteered, exactly."""
+    prompt = PROMPTS[0]
+    # score 0 on every prompt: 0 >= -1 fires (weakening), 0 >= 1 does not (strengthening)
+    gate = Gate(np.zeros(len(mask), np.float32), -1.0, threshold_strengthen=1.0)
+    for m, fires in ((-4.0, True), (0.5, True), (1.5, False), (3.0, False)):
+        llm.set_mask(with_gate(mask, gate), m)
+        got = chat(llm, prompt)
+        assert llm.last_gate.fired == fires
+        assert llm.last_gate.threshold == (1.0 if m > 1 else -1.0)  # the threshold that decided
+        llm.set_mask(mask, m, gate=False)
+        want = chat(llm, prompt) if fires else unsteered(llm, prompt)
+        assert got == want
+    assert unsteered(llm, prompt) != static(llm, dataclasses.replace(mask, multiplier=3.0), prompt)  # 3 does steer

@@ -90,6 +90,11 @@ FALLBACK_MULTIPLIER = -1.5
               help="The most NEGATIVE prompts the gate may fire on, measured out of fold (each prompt scored by a "
                    "gate fitted without it). A cap: under it the threshold lets through the most positive prompts "
                    "net of negative ones (true-positive minus false-positive rate), so it often fires on fewer.")
+@click.option("--gate-fpr-strengthen", type=float, default=0.01, show_default=True, metavar="RATE",
+              help="The same cap for a second threshold, used when the multiplier is above 1 (strengthening): there "
+                   "a NEGATIVE prompt the gate fires on is pushed toward the behaviour (an over-refusal), while a "
+                   "missed positive that already shows it costs nothing, so the gate is stricter. Never below the "
+                   "first threshold.")
 @click.option("--name", default=None, help="A label stored in the mask file.")
 @click.option("--no-cache", is_flag=True,
               help="Do not read or write the caches (dequantized GGUF weights, contrast-pair statistics).")
@@ -99,7 +104,7 @@ FALLBACK_MULTIPLIER = -1.5
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def attribute(model_spec, positive, negative, field, top_fraction, top_k, score_method, layers, universal_filter,
               universal_threshold, backend, device, device_map, batch_size, no_chat_template, multiplier, calibration_prompts, schedule, gate,
-              gate_neurons, gate_fpr, name, no_cache, out, as_json, quiet):
+              gate_neurons, gate_fpr, gate_fpr_strengthen, name, no_cache, out, as_json, quiet):
     """Find the MLP neurons that separate POSITIVE from NEGATIVE prompts and save them as a mask.
 
     Every prompt runs through the model's chat template; at the last prompt
@@ -117,7 +122,8 @@ def attribute(model_spec, positive, negative, field, top_fraction, top_k, score_
         summary = run_attribute(model_spec, positive, negative, field, top_fraction, top_k, score_method, layers,
                        universal_filter, universal_threshold, batch_size, not no_chat_template, multiplier,
                        name, not no_cache, out, not quiet, calibration_prompts, schedule, backend, device, device_map,
-                                gate=gate, gate_fpr=gate_fpr, gate_neurons=gate_neurons)
+                                gate=gate, gate_fpr=gate_fpr, gate_neurons=gate_neurons,
+                                gate_fpr_strengthen=gate_fpr_strengthen)
     except CnaLocalError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
@@ -129,7 +135,7 @@ def attribute(model_spec, positive, negative, field, top_fraction, top_k, score_
 def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, score_method, layers, universal_filter,
          universal_threshold, batch_size, chat_template, multiplier, name, use_cache, out, progress,
          calibration_prompts=0, schedule="all", backend=None, device="cpu", device_map=None, gate=True,
-         gate_fpr=0.05, gate_neurons="auto") -> dict:
+         gate_fpr=0.05, gate_neurons="auto", gate_fpr_strengthen=0.01) -> dict:
     """The whole `attribute` command (the demo runs it too); returns the summary it prints."""
     # Heavy imports here so that `cna-local --help` stays fast.
     from ..attribution import AttributionOptions, attribute as run_attribution
@@ -150,6 +156,8 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
     check_threshold(universal_threshold)
     if gate and not 0.0 <= gate_fpr < 1.0:
         raise CnaLocalError(f"--gate-fpr {gate_fpr} is not a rate in [0, 1). Fix: pass 0.05, say, or --no-gate.")
+    if gate and not 0.0 <= gate_fpr_strengthen < 1.0:
+        raise CnaLocalError(f"--gate-fpr-strengthen {gate_fpr_strengthen} is not a rate in [0, 1). Fix: pass 0.01, say.")
     model_path = resolve_model(model_spec, progress=(lambda m: click.echo(f"      {m}", err=True)) if progress else None)
     if out.resolve() == model_path.resolve():
         raise CnaLocalError(f"--out {out} is the model file itself. Fix: write the mask to another file.")
@@ -211,6 +219,7 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
         universal_filter=universal_filter, universal_threshold=universal_threshold, batch_size=batch_size,
         chat_template=chat_template, multiplier=FALLBACK_MULTIPLIER if multiplier is None else multiplier,
         progress=progress, cache_contrasts=use_cache, gate=gate, gate_fpr=gate_fpr, gate_neurons=gate_neurons,
+        gate_fpr_strengthen=gate_fpr_strengthen,
     )
     try:
         result = run_attribution(loaded, pos, neg, options, contrasts=contrasts, name=name)
@@ -264,7 +273,8 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
         "selection": mask.meta["selection"],
         "schedule": mask.schedule,
         "calibration": mask.meta.get("calibration"),
-        "gate": None if mask.gate is None else {"threshold": mask.gate.threshold, **mask.gate.info},
+        "gate": None if mask.gate is None else {"threshold": mask.gate.threshold,
+                                                "threshold_strengthen": mask.gate.threshold_strengthen, **mask.gate.info},
         **({"gate_note": result.gate_note} if result.gate_note else {}),
         "seconds": {"load": round(load_seconds, 2), **{k: round(v, 2) for k, v in result.seconds.items()},
                     **({"calibration": round(calibration_seconds, 2)} if calibrate else {}),
@@ -292,6 +302,10 @@ def _print_summary(s: dict) -> None:
         whose = "the mask's" if g.get("neurons", "mask") == "mask" else "its own"
         click.echo(f"  gate ({g['method']}, {g['n_neurons']} neurons, {whose}): fires on {oof['tpr']:.0%} of positive and "
                    f"{oof['fpr']:.0%} of negative prompts, out of fold (cap {g['fpr_target']:.0%}; AUC {oof['auc']:.3f})")
+        st = g.get("strengthen")
+        if st:
+            click.echo(f"    strengthening (multiplier > 1): fires on {st['out_of_fold']['tpr']:.0%} of positive and "
+                       f"{st['out_of_fold']['fpr']:.0%} of negative prompts, out of fold (cap {st['fpr_target']:.0%})")
         gcal = g.get("calibration")
         if gcal and "chosen" in gcal:
             click.echo(f"  multiplier {gcal['chosen']:g} through the gate ({len(gcal['tried'])} strengths tried: harmful replies "

@@ -23,7 +23,8 @@ def mask_report(mask, top: int) -> dict:
         "multiplier": mask.multiplier,
         "schedule": mask.schedule,
         "calibration": mask.meta.get("calibration"),
-        "gate": None if mask.gate is None else {"threshold": mask.gate.threshold, **mask.gate.info,
+        "gate": None if mask.gate is None else {"threshold": mask.gate.threshold,
+                                                "threshold_strengthen": mask.gate.threshold_strengthen, **mask.gate.info,
                                                 "own_neurons": mask.gate.own,
                                                 "n_read": len(mask.gate.weights),
                                                 "layers_read": sorted({int(x) for x in mask.gate.layers}) if mask.gate.own else None},
@@ -95,6 +96,10 @@ def inspect(mask_path: Path, as_json: bool, top: int) -> None:
         click.echo(f"  gate        {g.get('method')} on {on}, threshold {g['threshold']:.4g}: fired on "
                    f"{oof.get('tpr', 0):.0%} of positive and {oof.get('fpr', 0):.0%} of negative prompts out of fold "
                    f"(cap {g.get('fpr_target', 0):.0%}); runtimes steer only prompts it fires on")
+        if g.get("threshold_strengthen") is not None:
+            st = (g.get("strengthen") or {}).get("out_of_fold") or {}
+            click.echo(f"              above multiplier 1 (strengthening) threshold {g['threshold_strengthen']:.4g}: fired on "
+                       f"{st.get('tpr', 0):.0%} of positive and {st.get('fpr', 0):.0%} of negative prompts out of fold")
         if report["static_multiplier"] is not None:
             click.echo(f"              multiplier {report['multiplier']:g} through the gate, "
                        f"{report['static_multiplier']:g} on every prompt (gate off)")

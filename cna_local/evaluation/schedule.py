@@ -109,15 +109,14 @@ def run_schedule(engine: Engine, llm, masks, steerings, harmful, benign, items, 
         bar.update(n)
         return out
 
-    def decisions(base_records) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """Per gated mask: (fired, score) of each prompt of a group, from the baseline run's rows."""
+    def decisions(base_records) -> dict[int, np.ndarray]:
+        """Per gated mask: each prompt's gate score, from the baseline run's rows."""
         rows = np.stack([r.pop("_row") for r in base_records]) if read_rows else None
         out = {}
         for j, gate in enumerate(gates):
             if gate is not None:
                 m = masks[j]
-                scores = gate.score(rows[:, gate.columns(m.layers, m.neurons, n_ff)])
-                out[j] = (scores >= gate.threshold, scores)
+                out[j] = gate.score(rows[:, gate.columns(m.layers, m.neurons, n_ff)])
         return out
 
     def run_group(what, g, measure, prompts, ids, *extra):
@@ -138,7 +137,8 @@ def run_schedule(engine: Engine, llm, masks, steerings, harmful, benign, items, 
                             *(() if what != "benign" else (made,)))
                 getattr(by_state[state], what).extend(got[0] if what == "benign" else got)
                 continue
-            fired, scores = decided[j]
+            scores = decided[j]
+            fired = scores >= gates[j].threshold_for(state[1])  # strengthening has its own, stricter threshold
             idx = [k for k in range(len(g)) if fired[k]]
             steered = []
             if idx:

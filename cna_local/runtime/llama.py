@@ -216,8 +216,9 @@ class SteeredLlama(llama_cpp.Llama):
         mask = state.masks[0]
         values = row[state.gate.columns(mask.layers, mask.neurons, self.steering.shape.n_ff)]
         score = float(state.gate.score(values))
-        fired = score >= state.gate.threshold
-        self.last_gate = GateDecision(fired, score, float(state.gate.threshold))
+        threshold = state.gate.threshold_for(state.multipliers[0])  # strengthening has its own, stricter one
+        fired = score >= threshold
+        self.last_gate = GateDecision(fired, score, threshold)
         self._gate_open = fired
         if fired:
             end = int(self.n_tokens)

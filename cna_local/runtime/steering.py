@@ -158,7 +158,7 @@ class SteeringState:
             return ""
         h = hashlib.sha256(self.schedule.encode())
         if self.gate is not None:
-            h.update(f"gate {self.gate.threshold!r}".encode() + self.gate.weights.tobytes())
+            h.update(f"gate {self.gate.threshold!r} {self.gate.threshold_strengthen!r}".encode() + self.gate.weights.tobytes())
             if self.gate.own:
                 h.update(self.gate.layers.tobytes() + self.gate.neurons.tobytes())
         for array in (self.layers, self.neurons, self.scales):
