@@ -3,7 +3,6 @@ several masks side by side. Tiny F32 models, where batching changes only float r
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from cna_local.evaluation import EvalError, evaluate

@@ -39,7 +39,9 @@ def files(tiny_gguf, tmp_path_factory):
         llm.close()
     assert scores[0] != scores[1]
     fires_on = int(np.argmax(scores))
-    gated = dataclasses.replace(probe, gate=Gate(probe.gate.weights, float(np.mean(scores))))
+    # ... and whose strengthening threshold (multiplier > 1) lies above both: it fires on neither
+    gated = dataclasses.replace(probe, gate=Gate(probe.gate.weights, float(np.mean(scores)),
+                                                 threshold_strengthen=float(max(scores)) + 1.0))
     gated.save(d / "gated.gguf")
     return {"model": model, "static": d / "static.gguf", "gated": d / "gated.gguf", "fires_on": fires_on}
 
@@ -72,6 +74,16 @@ def test_the_gate_decides_per_request_and_the_answer_is_the_librarys(server, fil
     want = expected(files, list(zip(PROMPTS, fired)))
     assert [r["choices"][0]["message"]["content"] for r in got] == want
     assert want[0] != expected(files, [(PROMPTS[0], not fired[0])])[0]  # steering does change that answer
+
+
+def test_a_request_that_strengthens_is_gated_by_the_stricter_threshold(server, files):
+    prompt = PROMPTS[files["fires_on"]]
+    got = post(server, {**chat(prompt), "neuron_masks": [{"id": 0, "multiplier": 2.0}]}).json()
+    assert got["gate"]["fired"] is False  # it fires on this prompt when weakening (above), not at 2
+    gate = NeuronMask.load(files["gated"]).gate
+    assert got["gate"]["threshold"] == pytest.approx(gate.threshold_strengthen, abs=1e-4) != gate.threshold
+    assert gate.threshold <= got["gate"]["score"] < got["gate"]["threshold"]
+    assert got["choices"][0]["message"]["content"] == expected(files, [(prompt, False)])[0]  # unsteered, exactly
 
 
 def test_a_request_can_turn_the_gate_off_and_then_every_prompt_is_steered(server, files):
