@@ -142,7 +142,7 @@ def main(model, backends, n, libs, json_out):
                        "prompts": s["selection"]["positive"]["n"] + s["selection"]["negative"]["n"]}
                 report["runs"].append(row)
                 masks[label] = out
-                click.echo(f"{label:>5} {state}: {row['wall_seconds']:7.1f} s, peak RSS {row['peak_rss_mb'] / 1024:5.2f} GB, "
+                click.echo(f"{label:>5} {state}: {row['wall_seconds']:7.1f} s, peak RSS {rss_gb(row):5.2f} GB, "
                            f"{row['n_neurons']} neurons ({s['seconds']})", err=True)
         if "llama" in masks and "torch" in masks:
             report["jaccard"] = round(jaccard(masks["llama"], masks["torch"]), 4)
@@ -153,17 +153,22 @@ def main(model, backends, n, libs, json_out):
     for label, info in report["builds"].items():
         click.echo(f"  {label}: {info}")
     click.echo()
-    click.echo("| Backend | Cache | Wall time | Peak RSS | Neurons |")
-    click.echo("|---|---|---|---|---|")
+    click.echo("| Backend | Cache | Wall time | Peak RSS | over the GGUF | Neurons |")
+    click.echo("|---|---|---|---|---|---|")
     for row in report["runs"]:
         click.echo(f"| {row['backend']} | {row['cache']} | {row['wall_seconds']:.0f} s | "
-                   f"{row['peak_rss_mb'] / 1024:.2f} GB | {row['n_neurons']} |")
+                   f"{rss_gb(row):.2f} GB | {rss_gb(row) - gb:+.2f} GB | {row['n_neurons']} |")
     if "jaccard" in report:
         click.echo(f"\nJaccard of the two backends' masks: {report['jaccard']}")
     for label, value in report["jaccard_to_llama"].items():
         click.echo(f"Jaccard of {label}'s mask to the installed build's: {value}")
     if json_out:
         json_out.write_text(json.dumps(report, indent=2))
+
+
+def rss_gb(row: dict) -> float:
+    """Peak RSS in GB (10^9 bytes, like the GGUF's size): ru_maxrss is in KiB, peak_rss_mb in MiB."""
+    return row["peak_rss_mb"] * 2**20 / 1e9
 
 
 if __name__ == "__main__":
