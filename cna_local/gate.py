@@ -19,7 +19,9 @@ by mistake is pushed toward the behaviour (for refusal: an over-refusal). So str
 stricter threshold, set the same way under a lower false-positive cap (`DEFAULT_FPR_STRENGTHEN`), never
 below the weakening one. Measured on the 1.5B model's held-out sets (REPORT.md section 8): with one
 threshold, strengthening at 1.25-2 raised over-refusal from 0.033 to 0.050-0.067 through the gate's two
-benign false positives.
+benign false positives; with the second, over-refusal stays at 0.033 and no benign prompt is steered, and
+refusal reaches 0.900 where one threshold reached 0.950 (the borderline harmful prompts it then misses
+read like the benign ones it must leave alone).
 
 Which neurons it reads: by default its own, the k (as many as the mask holds) that separate the sets best
 over every layer by |t| (mean difference over pooled standard deviation), chosen again inside each fold
