@@ -123,6 +123,10 @@ class Gate:
         s, t = self.score(values), self.threshold_for(multiplier)
         return bool(s >= t) if np.ndim(s) == 0 else s >= t
 
+    def record(self) -> dict:
+        """Its thresholds and how it was fitted, as the JSON outputs (attribute, inspect, eval) give it."""
+        return {"threshold": self.threshold, "threshold_strengthen": self.threshold_strengthen, **self.info}
+
     def with_weights(self, weights: np.ndarray) -> "Gate":
         """The same gate over reordered weights (its thresholds and record kept)."""
         return Gate(weights, self.threshold, self.info, self.layers, self.neurons, self.threshold_strengthen)
