@@ -69,6 +69,8 @@ def collect_activations(
     total = np.zeros((n_layer, n_ff), np.float64)
     total_sq = np.zeros((n_layer, n_ff), np.float64)
     values = np.zeros((len(encoded), n_layer, n_ff), np.float32) if keep else None
+    n_embd = loaded.down_projs[0].out_features
+    resid_values = np.zeros((len(encoded), n_layer, n_embd), np.float32) if keep else None
 
     # Similar lengths in one batch waste less compute on padding; `order` maps back.
     token_sumsq = np.zeros((n_layer, n_ff), np.float64)
@@ -96,7 +98,7 @@ def collect_activations(
 
     handles = [proj.register_forward_pre_hook(hook_for(il)) for il, proj in enumerate(loaded.down_projs)]
     handles += [layer.register_forward_hook(resid_hook_for(il)) for il, layer in enumerate(decoder_layers(loaded.model))]
-    resid_sum = np.zeros((n_layer, loaded.down_projs[0].out_features), np.float64)  # n_embd wide
+    resid_sum = np.zeros((n_layer, n_embd), np.float64)
     model = loaded.model
     extra = {"use_cache": False}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
@@ -119,16 +121,18 @@ def collect_activations(
                 acts = torch.stack([c.to("cpu", torch.float64) for c in captured], dim=1).numpy()
                 total += acts.sum(axis=0)
                 total_sq += (acts * acts).sum(axis=0)
-                resid_sum += torch.stack([r.to("cpu", torch.float64) for r in resid], dim=1).sum(0).numpy()
+                res = torch.stack([r.to("cpu", torch.float64) for r in resid], dim=1).numpy()
+                resid_sum += res.sum(0)
                 if values is not None:
                     values[idx] = acts.astype(np.float32)
+                    resid_values[idx] = res.astype(np.float32)
                 bar.update(len(idx))
     finally:
         for handle in handles:
             handle.remove()
     return ActivationStats(n=len(encoded), sum=total, sumsq=total_sq, values=values,
                            n_tokens=sum(len(ids) for ids in encoded), token_sumsq=token_sumsq,
-                           resid_sum=resid_sum)
+                           resid_sum=resid_sum, resid_values=resid_values)
 
 
 class TorchSource:

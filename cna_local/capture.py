@@ -138,6 +138,7 @@ class LlamaSource:
         total_sq = np.zeros((n_layer, n_ff), np.float64)
         resid_sum = np.zeros((n_layer, n_embd), np.float64)
         values = np.zeros((len(encoded), n_layer, n_ff), np.float32) if keep else None
+        resid_values = np.zeros((len(encoded), n_layer, n_embd), np.float32) if keep else None
         ffn_w, resid_w = ctypes.c_int64(), ctypes.c_int64()
         lib.llama_ffn_capture_sizes(ctx, None, ctypes.byref(ffn_w), ctypes.byref(resid_w))
         if ffn_w.value != n_layer * n_ff or resid_w.value != n_layer * n_embd:
@@ -211,9 +212,12 @@ class LlamaSource:
                                        "model overflows. Fix: check the model file with `cna-local eval`.")
                 total += acts.sum(axis=0)
                 total_sq += (acts * acts).sum(axis=0)
-                resid_sum += res.reshape(len(group), n_layer, n_embd).astype(np.float64).sum(axis=0)
+                rows = np.empty((len(group), n_layer, n_embd), np.float32)
+                rows[seqs] = res.reshape(len(group), n_layer, n_embd)
+                resid_sum += rows.astype(np.float64).sum(axis=0)
                 if values is not None:
                     values[[i for i, _ in group]] = acts.astype(np.float32)
+                    resid_values[[i for i, _ in group]] = rows
                 for seq in range(len(group)):  # drop the prompts' cells, keep the prefix's
                     llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)
                 bar.update(len(group))
@@ -234,7 +238,8 @@ class LlamaSource:
             if own_bar is not None:
                 own_bar.close()
         return ActivationStats(n=len(encoded), sum=total, sumsq=total_sq, values=values,
-                               n_tokens=n_tokens if token_stats else 0, token_sumsq=token_sumsq, resid_sum=resid_sum)
+                               n_tokens=n_tokens if token_stats else 0, token_sumsq=token_sumsq, resid_sum=resid_sum,
+                               resid_values=resid_values)
 
     @staticmethod
     def _common_prefix(encoded: list[list[int]]) -> int:

@@ -52,6 +52,10 @@ def test_llama_and_torch_backends_collect_the_same_statistics(tiny_gguf, arch, o
     assert rel(np.sqrt(got.sumsq), np.sqrt(want.sumsq)) < bound
     assert rel(np.sqrt(got.token_sumsq), np.sqrt(want.token_sumsq)) < bound  # all tokens, every layer
     assert rel(got.resid_mean, want.resid_mean) < bound
+    assert rel(got.resid_values, want.resid_values) < bound  # every prompt's residual rows, in prompt order
+    for stats in (got, want):  # the kept rows are the ones summed
+        np.testing.assert_allclose(stats.resid_values.astype(np.float64).sum(0), stats.resid_sum, rtol=1e-5,
+                                   atol=1e-5 * np.abs(stats.resid_sum).max())
 
 
 def test_packing_prompts_into_decodes_does_not_change_what_each_prompt_gives(tiny_gguf):
@@ -73,6 +77,7 @@ def test_packing_prompts_into_decodes_does_not_change_what_each_prompt_gives(tin
     np.testing.assert_allclose(b.values, a.values, rtol=0, atol=tol * scale)
     np.testing.assert_allclose(np.stack(alone), a.values, rtol=0, atol=tol * scale)
     np.testing.assert_allclose(b.token_sumsq, a.token_sumsq, rtol=tol)
+    np.testing.assert_allclose(b.resid_values, a.resid_values, rtol=0, atol=tol * np.abs(a.resid_values).max())
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

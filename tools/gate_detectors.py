@@ -10,7 +10,11 @@ llama backend's capture (no generation), so a detector is judged in seconds:
   * on the held-out sets, with that threshold and the direction and neurons fitted on all discovery prompts.
 
 With --baseline-eval (an `eval --json` file of the same held-out sets) it also counts the held-out harmful
-prompts the unsteered model refuses and the gate misses: no strength can change those.
+prompts the unsteered model refuses and the gate misses (no weakening strength can change those), and the
+ones it answers and the gate catches (the only ones strengthening can change).
+
+Besides neurons, detectors on the residual stream after a layer (--residual-layers): the same diagonal
+discriminant over that layer's n_embd values at the last token, the classic linear probe for a behaviour.
 
     python tools/gate_detectors.py --model qwen-coder-1.5b --mask MASK.gguf --baseline-eval EVAL.json
 """
@@ -48,6 +52,7 @@ def judge(select, pos, neg, held_pos, held_neg, fprs, refused, folds=5, seed=0) 
                "held_out_fpr": round(float((h_neg >= thr).mean()), 3)}
         if refused is not None:
             row["refused_missed"] = int(np.sum(refused & (h_pos < thr)))
+            row["answered_caught"] = f"{int(np.sum(~refused & (h_pos >= thr)))}/{int(np.sum(~refused))}"
         out["at"][str(fpr)] = row
     return out
 
@@ -63,11 +68,14 @@ def judge(select, pos, neg, held_pos, held_neg, fprs, refused, folds=5, seed=0) 
 @click.option("--held-positive", default="harmful_heldout", show_default=True)
 @click.option("--held-negative", default="benign_heldout", show_default=True)
 @click.option("--k", "ks", default="251,1000,3000,10000", show_default=True, help="Neuron counts for the top-|t| detectors.")
-@click.option("--fpr", "fprs", default="0.05,0.02", show_default=True)
+@click.option("--residual-layers", default="8,12,16,20,24", show_default=True,
+              help="Layers whose residual stream (after the layer) gets a detector of its own; '' for none.")
+@click.option("--fpr", "fprs", default="0.05,0.02,0.01", show_default=True)
 @click.option("--baseline-eval", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="An `eval --json` file of the held-out sets: count the refused prompts each gate misses.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def main(model, mask_path, positive, negative, negative_n, held_positive, held_negative, ks, fprs, baseline_eval, json_out):
+def main(model, mask_path, positive, negative, negative_n, held_positive, held_negative, ks, residual_layers, fprs,
+         baseline_eval, json_out):
     from cna_local.capture import LlamaSource
     from cna_local.maskfile import NeuronMask
     from cna_local.models import resolve_model
@@ -80,9 +88,12 @@ def main(model, mask_path, positive, negative, negative_n, held_positive, held_n
     for key, name, n in (("pos", positive, None), ("neg", negative, negative_n), ("held_pos", held_positive, None),
                          ("held_neg", held_negative, None)):
         prompts = load_bundled(name).prompts[:n]
-        v = source.collect(prompts, token_stats=False, keep=True, desc=key).values
-        values[key] = v.reshape(len(v), -1).astype(np.float64)
-    n_ff = source.n_ff
+        stats = source.collect(prompts, token_stats=False, keep=True, desc=key)
+        values[key] = stats.values.reshape(len(prompts), -1).astype(np.float64)
+        values[key + "_resid"] = stats.resid_values.astype(np.float64)  # [n, n_layer, n_embd]
+    n_ff, n_layer = source.n_ff, source.n_layer
+    if any(not (0 <= int(il) < n_layer) for il in filter(None, residual_layers.split(","))):
+        raise click.BadParameter(f"layers run 0..{n_layer - 1} on this model", param_hint="--residual-layers")
     source.close()
     click.echo(f"read {sum(len(v) for v in values.values())} prompts in {time.perf_counter() - t0:.0f} s", err=True)
     refused = None
@@ -96,12 +107,21 @@ def main(model, mask_path, positive, negative, negative_n, held_positive, held_n
     cols = row_columns(mask.layers, mask.neurons, n_ff)
     detectors = [(f"the mask's {len(cols)} neurons (the stored gate's kind)", lambda p, n: cols)]
     detectors += [(f"top {k} by |t|, every layer", top_t(int(k))) for k in ks.split(",")]
+    detectors = [(label, select, "") for label, select in detectors]
+    detectors += [(f"residual stream after layer {il}", None, int(il)) for il in filter(None, residual_layers.split(","))]
     report = {"model": model, "mask": str(mask_path), "rows": []}
-    for label, select in detectors:
-        r = judge(select, values["pos"], values["neg"], values["held_pos"], values["held_neg"], fpr_list, refused)
+    everything = slice(None)
+    for label, select, il in detectors:
+        if il == "":
+            sets = [values[k] for k in ("pos", "neg", "held_pos", "held_neg")]
+        else:
+            sets = [values[k + "_resid"][:, il] for k in ("pos", "neg", "held_pos", "held_neg")]
+            select = lambda p, n: everything  # every residual dimension of that layer
+        r = judge(select, *sets, fpr_list, refused)
         report["rows"].append({"detector": label, **r})
         at = "; ".join(f"fpr {f}: oof {a['oof_tpr']:.2f}/{a['oof_fpr']:.2f}, held-out {a['held_out_tpr']:.2f}/"
-                       f"{a['held_out_fpr']:.3f}" + (f", refused missed {a['refused_missed']}" if "refused_missed" in a else "")
+                       f"{a['held_out_fpr']:.3f}" + (f", refused missed {a['refused_missed']}, answered caught {a['answered_caught']}"
+                          if "refused_missed" in a else "")
                        for f, a in r["at"].items())
         click.echo(f"{label}: AUC oof {r['out_of_fold_auc']:.3f}, held-out {r['held_out_auc']:.3f}; {at} (tpr/fpr)")
     if json_out:
