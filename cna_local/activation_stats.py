@@ -25,7 +25,7 @@ class ActivationStats:
     n_tokens: int = 0  # real (non-padding) prompt tokens, all positions
     token_sumsq: np.ndarray | None = None  # float64 [n_layer, n_ff]: sum of squares over all n_tokens positions
     resid_sum: np.ndarray | None = None  # float64 [n_layer, n_embd]: sum of each layer's output at the last token
-    resid_values: np.ndarray | None = None  # float32 [n, n_layer, n_embd] in prompt order, only with keep=True
+    resid_values: np.ndarray | None = None  # float32 [n, n_layer, n_embd] in prompt order, only with keep_residual=True
 
     @property
     def mean(self) -> np.ndarray:

@@ -53,6 +53,7 @@ def collect_activations(
     batch_size: int = 8,
     chat_template: bool = True,
     keep: bool = False,
+    keep_residual: bool = False,
     progress: bool = True,
     desc: str = "activations",
     bar=None,
@@ -70,7 +71,7 @@ def collect_activations(
     total_sq = np.zeros((n_layer, n_ff), np.float64)
     values = np.zeros((len(encoded), n_layer, n_ff), np.float32) if keep else None
     n_embd = loaded.down_projs[0].out_features
-    resid_values = np.zeros((len(encoded), n_layer, n_embd), np.float32) if keep else None
+    resid_values = np.zeros((len(encoded), n_layer, n_embd), np.float32) if keep_residual else None
 
     # Similar lengths in one batch waste less compute on padding; `order` maps back.
     token_sumsq = np.zeros((n_layer, n_ff), np.float64)
@@ -125,6 +126,7 @@ def collect_activations(
                 resid_sum += res.sum(0)
                 if values is not None:
                     values[idx] = acts.astype(np.float32)
+                if resid_values is not None:
                     resid_values[idx] = res.astype(np.float32)
                 bar.update(len(idx))
     finally:
@@ -147,11 +149,11 @@ class TorchSource:
         self.n_layer, self.n_ff = loaded.n_layer, loaded.n_ff
 
     def collect(self, prompts: Sequence[str], *, desc: str = "activations", token_stats: bool = True,
-                keep: bool = False, bar=None, progress: bool = True, batch_size: int = 8,
-                chat_template: bool = True) -> ActivationStats:
+                keep: bool = False, keep_residual: bool = False, bar=None, progress: bool = True,
+                batch_size: int = 8, chat_template: bool = True) -> ActivationStats:
         # all-token sums come with the same forward passes here, so token_stats costs nothing to keep
         return collect_activations(self.loaded, prompts, batch_size=batch_size, chat_template=chat_template, keep=keep,
-                                   progress=progress, desc=desc, bar=bar)
+                                   keep_residual=keep_residual, progress=progress, desc=desc, bar=bar)
 
     def down_weights(self, progress: bool = False):
         return [module_weight(p) for p in self.loaded.down_projs]

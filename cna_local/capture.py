@@ -111,9 +111,12 @@ class LlamaSource:
     # -- collecting
 
     def collect(self, prompts: Sequence[str], *, desc: str = "activations", token_stats: bool = True,
-                keep: bool = False, bar=None, progress: bool = True, **_ignored) -> ActivationStats:
+                keep: bool = False, keep_residual: bool = False, bar=None, progress: bool = True,
+                **_ignored) -> ActivationStats:
         """Statistics of the down-projection input at each prompt's last token (and, with token_stats, the
-        per-neuron sum of squares over all its tokens, which asks llama.cpp for logits on every token)."""
+        per-neuron sum of squares over all its tokens, which asks llama.cpp for logits on every token).
+        keep: each prompt's values too; keep_residual: each prompt's residual rows too (a study's, not
+        attribution's: the gate reads neurons)."""
         import llama_cpp
 
         from .runtime import binding
@@ -138,7 +141,7 @@ class LlamaSource:
         total_sq = np.zeros((n_layer, n_ff), np.float64)
         resid_sum = np.zeros((n_layer, n_embd), np.float64)
         values = np.zeros((len(encoded), n_layer, n_ff), np.float32) if keep else None
-        resid_values = np.zeros((len(encoded), n_layer, n_embd), np.float32) if keep else None
+        resid_values = np.zeros((len(encoded), n_layer, n_embd), np.float32) if keep_residual else None
         ffn_w, resid_w = ctypes.c_int64(), ctypes.c_int64()
         lib.llama_ffn_capture_sizes(ctx, None, ctypes.byref(ffn_w), ctypes.byref(resid_w))
         if ffn_w.value != n_layer * n_ff or resid_w.value != n_layer * n_embd:
@@ -217,6 +220,7 @@ class LlamaSource:
                 resid_sum += rows.astype(np.float64).sum(axis=0)
                 if values is not None:
                     values[[i for i, _ in group]] = acts.astype(np.float32)
+                if resid_values is not None:
                     resid_values[[i for i, _ in group]] = rows
                 for seq in range(len(group)):  # drop the prompts' cells, keep the prefix's
                     llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)

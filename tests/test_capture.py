@@ -41,10 +41,11 @@ def test_llama_and_torch_backends_collect_the_same_statistics(tiny_gguf, arch, o
     gguf = tiny_gguf(arch, outtype)
     source = LlamaSource(gguf, n_gpu_layers=N_GPU_LAYERS)
     try:
-        got = source.collect(PROMPTS, keep=True, progress=False)
+        got = source.collect(PROMPTS, keep=True, keep_residual=True, progress=False)
+        plain = source.collect(PROMPTS[:1], keep=True, progress=False)
     finally:
         source.close()
-    want = TorchSource(load_model(gguf)).collect(PROMPTS, keep=True, progress=False)
+    want = TorchSource(load_model(gguf)).collect(PROMPTS, keep=True, keep_residual=True, progress=False)
     assert got.n == want.n and got.n_tokens == want.n_tokens  # the same tokens: the same chat template
     bound = BOUND[outtype]
     assert rel(got.values, want.values) < bound  # every prompt's last-token value, in prompt order
@@ -53,6 +54,7 @@ def test_llama_and_torch_backends_collect_the_same_statistics(tiny_gguf, arch, o
     assert rel(np.sqrt(got.token_sumsq), np.sqrt(want.token_sumsq)) < bound  # all tokens, every layer
     assert rel(got.resid_mean, want.resid_mean) < bound
     assert rel(got.resid_values, want.resid_values) < bound  # every prompt's residual rows, in prompt order
+    assert plain.resid_values is None  # kept only when asked: attribution does not need them
     for stats in (got, want):  # the kept rows are the ones summed
         np.testing.assert_allclose(stats.resid_values.astype(np.float64).sum(0), stats.resid_sum, rtol=1e-5,
                                    atol=1e-5 * np.abs(stats.resid_sum).max())
@@ -64,8 +66,8 @@ def test_packing_prompts_into_decodes_does_not_change_what_each_prompt_gives(tin
     wide = LlamaSource(gguf, token_budget=512, n_gpu_layers=N_GPU_LAYERS)
     narrow = LlamaSource(gguf, token_budget=48, n_gpu_layers=N_GPU_LAYERS)
     try:
-        a = wide.collect(PROMPTS, keep=True, progress=False)
-        b = narrow.collect(PROMPTS, keep=True, progress=False)
+        a = wide.collect(PROMPTS, keep=True, keep_residual=True, progress=False)
+        b = narrow.collect(PROMPTS, keep=True, keep_residual=True, progress=False)
         alone = [wide.collect([p], keep=True, progress=False).values[0] for p in PROMPTS]
     finally:
         wide.close()

@@ -88,7 +88,7 @@ def main(model, mask_path, positive, negative, negative_n, held_positive, held_n
     for key, name, n in (("pos", positive, None), ("neg", negative, negative_n), ("held_pos", held_positive, None),
                          ("held_neg", held_negative, None)):
         prompts = load_bundled(name).prompts[:n]
-        stats = source.collect(prompts, token_stats=False, keep=True, desc=key)
+        stats = source.collect(prompts, token_stats=False, keep=True, keep_residual=True, desc=key)
         values[key] = stats.values.reshape(len(prompts), -1).astype(np.float64)
         values[key + "_resid"] = stats.resid_values.astype(np.float64)  # [n, n_layer, n_embd]
     n_ff, n_layer = source.n_ff, source.n_layer
