@@ -83,6 +83,13 @@ def main(model, mask_path, positive, negative, negative_n, held_positive, held_n
 
     mask = NeuronMask.load(mask_path)
     source = LlamaSource(resolve_model(model))
+    try:  # before any prompt is read
+        layers = [int(il) for il in residual_layers.split(",") if il.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{residual_layers!r} is not a comma-separated list of layer numbers",
+                                 param_hint="--residual-layers") from None
+    if any(not 0 <= il < source.n_layer for il in layers):
+        raise click.BadParameter(f"layers run 0..{source.n_layer - 1} on this model", param_hint="--residual-layers")
     t0 = time.perf_counter()
     values = {}
     for key, name, n in (("pos", positive, None), ("neg", negative, negative_n), ("held_pos", held_positive, None),
@@ -91,9 +98,7 @@ def main(model, mask_path, positive, negative, negative_n, held_positive, held_n
         stats = source.collect(prompts, token_stats=False, keep=True, keep_residual=True, desc=key)
         values[key] = stats.values.reshape(len(prompts), -1).astype(np.float64)
         values[key + "_resid"] = stats.resid_values.astype(np.float64)  # [n, n_layer, n_embd]
-    n_ff, n_layer = source.n_ff, source.n_layer
-    if any(not (0 <= int(il) < n_layer) for il in filter(None, residual_layers.split(","))):
-        raise click.BadParameter(f"layers run 0..{n_layer - 1} on this model", param_hint="--residual-layers")
+    n_ff = source.n_ff
     source.close()
     click.echo(f"read {sum(len(v) for v in values.values())} prompts in {time.perf_counter() - t0:.0f} s", err=True)
     refused = None
@@ -108,7 +113,7 @@ def main(model, mask_path, positive, negative, negative_n, held_positive, held_n
     detectors = [(f"the mask's {len(cols)} neurons (the stored gate's kind)", lambda p, n: cols)]
     detectors += [(f"top {k} by |t|, every layer", top_t(int(k))) for k in ks.split(",")]
     detectors = [(label, select, "") for label, select in detectors]
-    detectors += [(f"residual stream after layer {il}", None, int(il)) for il in filter(None, residual_layers.split(","))]
+    detectors += [(f"residual stream after layer {il}", None, il) for il in layers]
     report = {"model": model, "mask": str(mask_path), "rows": []}
     everything = slice(None)
     for label, select, il in detectors:
