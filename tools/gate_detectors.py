@@ -110,19 +110,17 @@ def main(model, mask_path, positive, negative, negative_n, held_positive, held_n
                                      param_hint="--baseline-eval")
     fpr_list = [float(x) for x in fprs.split(",")]
     cols = row_columns(mask.layers, mask.neurons, n_ff)
-    detectors = [(f"the mask's {len(cols)} neurons (the stored gate's kind)", lambda p, n: cols)]
-    detectors += [(f"top {k} by |t|, every layer", top_t(int(k))) for k in ks.split(",")]
-    detectors = [(label, select, "") for label, select in detectors]
-    detectors += [(f"residual stream after layer {il}", None, il) for il in layers]
+    sets = ("pos", "neg", "held_pos", "held_neg")
+    neurons = [values[k] for k in sets]
+    # (label, which columns, the four sets' rows): neuron detectors read every layer's n_ff values, a
+    # residual detector every dimension of one layer's residual stream
+    detectors = [(f"the mask's {len(cols)} neurons (the stored gate's kind)", lambda p, n: cols, neurons)]
+    detectors += [(f"top {k} by |t|, every layer", top_t(int(k)), neurons) for k in ks.split(",")]
+    detectors += [(f"residual stream after layer {il}", lambda p, n: slice(None),
+                   [values[k + "_resid"][:, il] for k in sets]) for il in layers]
     report = {"model": model, "mask": str(mask_path), "rows": []}
-    everything = slice(None)
-    for label, select, il in detectors:
-        if il == "":
-            sets = [values[k] for k in ("pos", "neg", "held_pos", "held_neg")]
-        else:
-            sets = [values[k + "_resid"][:, il] for k in ("pos", "neg", "held_pos", "held_neg")]
-            select = lambda p, n: everything  # every residual dimension of that layer
-        r = judge(select, *sets, fpr_list, refused)
+    for label, select, rows in detectors:
+        r = judge(select, *rows, fpr_list, refused)
         report["rows"].append({"detector": label, **r})
         at = "; ".join(f"fpr {f}: oof {a['oof_tpr']:.2f}/{a['oof_fpr']:.2f}, held-out {a['held_out_tpr']:.2f}/"
                        f"{a['held_out_fpr']:.3f}" + (f", refused missed {a['refused_missed']}, answered caught {a['answered_caught']}"
