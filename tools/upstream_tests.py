@@ -5,7 +5,7 @@
     python tools/upstream_tests.py --only c|python|archs
 
 c       llama.cpp's own CPU tests, built from the pinned tree with patches/ applied (the same sources the
-        wheel compiles, with the same portable CPU flags): test-backend-ops in CPU mode (optimized kernels
+        wheel compiles, at its AVX2 level): test-backend-ops in CPU mode (optimized kernels
         against the reference implementation) for MUL, the op the mask adds, and with --full for every op;
         the tokenizer tests that need only the vocab files in the tree (test-tokenizer-0 on 15 vocabularies,
         test-tokenizer-1-spm); test-llama-archs (every architecture, dense and MoE, built from random
@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 C_TARGETS = ["test-backend-ops", "test-tokenizer-0", "test-tokenizer-1-spm", "test-llama-archs"]
-CPU_FLAGS = ["-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON"]  # as CMakeLists.txt
+# the AVX2 level (the single library of -DCNA_CPU_VARIANTS=OFF; the variant an AVX2-only CPU loads)
+CPU_FLAGS = ["-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON"]
 
 
 def sh(cmd, **kw) -> subprocess.CompletedProcess:

@@ -1,0 +1,63 @@
+"""On x86-64 the wheel carries the CPU backend once per instruction-set level, and the one loaded is the
+best this CPU runs: AVX-512 VNNI kernels on a Xeon or Zen 4, AVX-VNNI on an Alder Lake laptop, AVX2
+elsewhere, plain x86-64 on anything older. Never ggml's AMX variant (its matmul crashes, llama.cpp #20824).
+"""
+
+import platform
+import re
+from pathlib import Path
+
+import pytest
+
+from cna_local.runtime import binding
+
+# patches/0006 + CMakeLists.txt: the variants built, with the /proc/cpuinfo flags each needs
+# (ggml's own feature lists for these tags, ggml/src/CMakeLists.txt), best first (ggml's score order)
+VARIANTS = {
+    "icelake": {"sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx512f", "avx512cd", "avx512vl", "avx512dq",
+                "avx512bw", "avx512vbmi", "avx512_vnni"},
+    "alderlake": {"sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx_vnni"},
+    "haswell": {"sse4_2", "avx", "f16c", "fma", "avx2", "bmi2"},
+    "x64": set(),
+}
+# what llama_print_system_info must then say about the loaded backend (present, absent)
+FEATURES = {
+    "icelake": ({"AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX2"}, {"AMX_INT8"}),
+    "alderlake": ({"AVX_VNNI", "AVX2"}, {"AVX512", "AMX_INT8"}),
+    "haswell": ({"AVX2", "FMA", "F16C", "BMI2"}, {"AVX_VNNI", "AVX512", "AMX_INT8"}),
+    "x64": (set(), {"AVX", "AVX2", "AVX512"}),
+}
+
+
+def variant_libraries() -> dict[str, Path]:
+    lib_dir = binding.library_path().parent
+    return {m.group(1): p for p in lib_dir.iterdir() if (m := re.match(r"libggml-cpu-(.+)\.so$", p.name))}
+
+
+def cpu_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text()
+    line = next(line for line in text.splitlines() if line.startswith("flags"))
+    return set(line.split(":", 1)[1].split())
+
+
+needs_variants = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64") or not variant_libraries(),
+    reason="not an x86-64 Linux build with CPU variants (-DCNA_CPU_VARIANTS=OFF, a native or a GPU build)")
+
+
+@needs_variants
+def test_the_wheel_ships_four_variants_and_never_the_amx_one():
+    assert set(variant_libraries()) == set(VARIANTS)
+
+
+@needs_variants
+def test_the_loaded_variant_is_the_best_this_cpu_runs():
+    import llama_cpp
+
+    flags = cpu_flags()
+    expected = next(name for name, needs in VARIANTS.items() if needs <= flags)
+    info = llama_cpp.llama_print_system_info().decode()
+    on = set(re.findall(r"(\w+) = 1", info))
+    present, absent = FEATURES[expected]
+    assert present <= on, f"expected the {expected} variant on a CPU with {sorted(VARIANTS[expected])}: {info}"
+    assert not (absent & on), f"expected the {expected} variant, the loaded one has {sorted(absent & on)}: {info}"
