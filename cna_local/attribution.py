@@ -193,17 +193,21 @@ def attribute(
     elif opts.gate:
         t0 = time.perf_counter()
         own = gate_neuron_count(opts.gate_neurons, len(selection.layers))
-        if own is None:
-            rows = (selection.layers, selection.neurons)
-            gate = fit_gate(pos_stats.values[:, rows[0], rows[1]], neg_stats.values[:, rows[0], rows[1]],
-                            fpr=opts.gate_fpr, method=opts.gate_method, folds=folds,
-                            fpr_strengthen=opts.gate_fpr_strengthen)
-        else:  # every layer's values: the gate picks its own neurons
-            n = pos_stats.values.shape[1] * pos_stats.values.shape[2]
-            gate = fit_gate(pos_stats.values.reshape(pos_stats.n, n), neg_stats.values.reshape(neg_stats.n, n),
-                            fpr=opts.gate_fpr, method=opts.gate_method, folds=folds, own=own,
-                            fpr_strengthen=opts.gate_fpr_strengthen,
-                            n_ff=pos_stats.values.shape[2])
+        # one fit per fold and one on all prompts; over every layer of a large model each takes seconds
+        with tqdm(total=folds + 1, desc="gate", unit="fit", file=sys.stderr, disable=not opts.progress,
+                  leave=False) as bar:
+            step = lambda: bar.update(1)  # noqa: E731
+            if own is None:
+                rows = (selection.layers, selection.neurons)
+                gate = fit_gate(pos_stats.values[:, rows[0], rows[1]], neg_stats.values[:, rows[0], rows[1]],
+                                fpr=opts.gate_fpr, method=opts.gate_method, folds=folds,
+                                fpr_strengthen=opts.gate_fpr_strengthen, on_step=step)
+            else:  # every layer's values: the gate picks its own neurons
+                n = pos_stats.values.shape[1] * pos_stats.values.shape[2]
+                gate = fit_gate(pos_stats.values.reshape(pos_stats.n, n), neg_stats.values.reshape(neg_stats.n, n),
+                                fpr=opts.gate_fpr, method=opts.gate_method, folds=folds, own=own,
+                                fpr_strengthen=opts.gate_fpr_strengthen,
+                                n_ff=pos_stats.values.shape[2], on_step=step)
         seconds["gate"] = time.perf_counter() - t0
 
     fp = source.fingerprint()

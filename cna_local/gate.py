@@ -183,10 +183,12 @@ def top_by_t(pos: np.ndarray, neg: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.argpartition(-np.abs(t), k - 1)[:k])
 
 
-def out_of_fold_scores(pos: np.ndarray, neg: np.ndarray, method: str, folds: int, seed: int = 0, select=None):
+def out_of_fold_scores(pos: np.ndarray, neg: np.ndarray, method: str, folds: int, seed: int = 0, select=None,
+                       on_fold=None):
     """Each prompt scored by a gate fitted without it (stratified folds): (pos scores, neg scores, the
     folds' directions). With select(pos, neg) -> columns, each fold also chooses its columns on its own
-    training prompts; its direction is then returned over all columns (zero elsewhere)."""
+    training prompts; its direction is then returned over all columns (zero elsewhere). on_fold(): called
+    after each fold (a progress bar's step)."""
     fold_pos, fold_neg = fold_ids(len(pos), len(neg), folds, seed)
     s_pos, s_neg, directions = np.zeros(len(pos)), np.zeros(len(neg)), []
     for f in range(folds):
@@ -200,6 +202,8 @@ def out_of_fold_scores(pos: np.ndarray, neg: np.ndarray, method: str, folds: int
             full[cols] = w
             w = full
         directions.append(w)
+        if on_fold is not None:
+            on_fold()
     return s_pos, s_neg, directions
 
 
@@ -232,14 +236,16 @@ def choose_threshold(s_pos: np.ndarray, s_neg: np.ndarray, fpr: float) -> float:
 
 def fit_gate(pos: np.ndarray, neg: np.ndarray, fpr: float = DEFAULT_FPR, method: str = DEFAULT_METHOD,
              folds: int = DEFAULT_FOLDS, seed: int = 0, own: int | None = None, n_ff: int | None = None,
-             fpr_strengthen: float | None = DEFAULT_FPR_STRENGTHEN) -> Gate:
+             fpr_strengthen: float | None = DEFAULT_FPR_STRENGTHEN, on_step=None) -> Gate:
     """A gate on values [n, N] at the last prompt token of each positive and negative prompt; its threshold
     lets through at most `fpr` of the negative prompts' out-of-fold scores, its strengthening threshold at
     most `fpr_strengthen` (never below the first; None: no separate strengthening threshold).
 
     own=None: the values are the mask's neurons'. own=k: the values are whole captured rows (every layer's
     n_ff neurons, layers in order) and the gate reads the k that separate the sets best (`top_by_t`),
-    chosen inside each fold for the out-of-fold scores and on all prompts for the gate itself."""
+    chosen inside each fold for the out-of-fold scores and on all prompts for the gate itself.
+    on_step(): called after each of the folds + 1 fits (a progress bar's step: over every layer of a large
+    model they take seconds each)."""
     pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
     if pos.ndim != 2 or neg.ndim != 2 or pos.shape[1] != neg.shape[1]:
         raise GateError(f"gate values must be [prompts, neurons] for both sets; got {list(pos.shape)} and {list(neg.shape)}.")
@@ -259,7 +265,7 @@ def fit_gate(pos: np.ndarray, neg: np.ndarray, fpr: float = DEFAULT_FPR, method:
         if own < 1:
             raise GateError(f"a gate over its own neurons needs at least 1 neuron, not {own}.")
         select = lambda p, n: top_by_t(p, n, own)  # noqa: E731
-    s_pos, s_neg, fold_directions = out_of_fold_scores(pos, neg, method, folds, seed, select)
+    s_pos, s_neg, fold_directions = out_of_fold_scores(pos, neg, method, folds, seed, select, on_fold=on_step)
     threshold = choose_threshold(s_pos, s_neg, fpr)
     strengthen = None
     if fpr_strengthen is not None:
@@ -268,6 +274,8 @@ def fit_gate(pos: np.ndarray, neg: np.ndarray, fpr: float = DEFAULT_FPR, method:
     w_cols = direction(pos[:, cols], neg[:, cols], method)
     w = np.zeros(pos.shape[1])
     w[cols] = w_cols
+    if on_step is not None:
+        on_step()
     # how much the direction moves when a fold is left out
     cos = [float(wf @ w / (np.linalg.norm(wf) * np.linalg.norm(w) + 1e-30)) for wf in fold_directions]
     tpr_oof = float((s_pos >= threshold).mean())

@@ -173,6 +173,16 @@ def test_an_own_gate_reads_the_neurons_that_separate_the_sets_over_every_layer()
     assert gate.info["out_of_fold"]["auc"] > 0.9
 
 
+def test_the_fit_reports_each_of_its_folds_and_the_final_fit_and_the_gate_is_the_same():
+    """attribute's progress bar: one step per fold and one for the fit on all prompts."""
+    pos, neg = rows_with_signal()
+    steps = []
+    gate = fit_gate(pos, neg, own=3, n_ff=20, folds=4, on_step=lambda: steps.append(1))
+    assert len(steps) == 4 + 1
+    quiet = fit_gate(pos, neg, own=3, n_ff=20, folds=4)
+    assert quiet.threshold == gate.threshold and np.array_equal(quiet.weights, gate.weights)
+
+
 def test_an_own_gate_chooses_its_neurons_inside_each_fold_so_noise_gets_no_credit():
     """On pure noise, neurons picked on all prompts would separate them in sample; picked inside each fold,
     the out-of-fold scores of the held fold are chance."""
