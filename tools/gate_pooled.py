@@ -1,0 +1,134 @@
+"""Study (not a test): would the gate detect better on neuron values averaged over the prompt's own tokens
+than on the last prompt token it reads today?
+
+The gate (cna_local/gate.py) is a diagonal linear discriminant on neurons' values at the last prompt token.
+Strengthening is limited by the harmful prompts the unsteered model answers: they read like benign ones
+there (REPORT.md section 8). This reads, with the torch backend (float32, one prompt per forward, no output
+layer), every layer's down-projection input for each prompt at its last token and averaged over the tokens
+after the chat template's shared prefix (the user's text and the assistant header), then judges the same
+discriminant (top k neurons by |t| over every layer, chosen inside each fold) on both:
+
+  * out of fold on the discovery sets: how many of the discovery harmful prompts the model answers are
+    caught at 0, 1, 2 and 5 benign false positives (where a threshold can honestly be chosen);
+  * on the held-out sets, with the threshold chosen out of fold under each false-positive cap, the way
+    `attribute` chooses it (0.01 is the strengthening default).
+
+Labels ("answered") come from `cna-local eval --json` files run at multiplier 1 on each harmful set:
+
+    cna-local eval --model qwen-coder-1.5b --mask M.gguf --multipliers 1 --harmful harmful_train \\
+        --benign one.txt --no-capability --no-gate --json disc.json      # and --harmful harmful_heldout
+    python tools/gate_pooled.py --model qwen-coder-1.5b --discovery-eval disc.json --held-out-eval held.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cna_local.gate import auc, choose_threshold, direction, out_of_fold_scores, top_by_t  # noqa: E402
+
+SETS = (("pos", "harmful_train", None), ("neg", "benign_train", 100),
+        ("held_pos", "harmful_heldout", None), ("held_neg", "benign_heldout", None))
+
+
+def read_features(model: str) -> dict[str, np.ndarray]:
+    """{set}_last and {set}_mean: [prompts, n_layer * n_ff] float64."""
+    import torch
+
+    from cna_local.loading import load_model
+    from cna_local.models import resolve_model
+    from cna_local.prompts import load_bundled
+    from cna_local.templating import encode_prompts
+
+    lm = load_model(resolve_model(model), progress=True)
+    encoded = {key: encode_prompts(lm.tokenizer, load_bundled(name).prompts[:n]) for key, name, n in SETS}
+    every = [ids for seqs in encoded.values() for ids in seqs]
+    prefix = 0  # the chat template's tokens every prompt shares: not the prompt's own
+    while all(len(ids) > prefix + 1 and ids[prefix] == every[0][prefix] for ids in every):
+        prefix += 1
+    current = {}
+    hooks = [down.register_forward_pre_hook(lambda mod, args, il=il: current.__setitem__(il, args[0][0].detach()))
+             for il, down in enumerate(lm.down_projs)]
+    decoder = lm.model.model  # without the output layer
+    out = {}
+    try:
+        for key, seqs in encoded.items():
+            t0 = time.perf_counter()
+            last = np.zeros((len(seqs), lm.n_layer, lm.n_ff), np.float32)
+            mean = np.zeros_like(last)
+            for i, ids in enumerate(seqs):
+                with torch.no_grad():
+                    decoder(input_ids=torch.tensor([ids]))
+                for il in range(lm.n_layer):
+                    last[i, il] = current[il][-1].float().numpy()
+                    mean[i, il] = current[il][prefix:].float().mean(0).numpy()
+            out[key + "_last"] = last.reshape(len(seqs), -1).astype(np.float64)
+            out[key + "_mean"] = mean.reshape(len(seqs), -1).astype(np.float64)
+            click.echo(f"{key}: {len(seqs)} prompts in {time.perf_counter() - t0:.0f} s (shared prefix {prefix} tokens)",
+                       err=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def answered(path: Path, n: int) -> np.ndarray:
+    records = json.loads(path.read_text())["rows"][0]["records"]["harmful"]
+    if len(records) != n:
+        raise click.BadParameter(f"{path} has {len(records)} harmful records, the set has {n} prompts")
+    return ~np.array([bool(r["refused"]) for r in records])
+
+
+@click.command()
+@click.option("--model", default="qwen-coder-1.5b", show_default=True)
+@click.option("--discovery-eval", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="`eval --json` at multiplier 1 on harmful_train: which discovery prompts the model answers.")
+@click.option("--held-out-eval", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="The same on harmful_heldout.")
+@click.option("--k", "ks", default="251,1000,3000", show_default=True, help="Neuron counts (top |t| over every layer).")
+@click.option("--fpr", "fprs", default="0,0.01,0.02,0.05", show_default=True, help="Caps for the held-out thresholds.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def main(model, discovery_eval, held_out_eval, ks, fprs, json_out):
+    feats = read_features(model)
+    ans_disc = answered(discovery_eval, len(feats["pos_last"]))
+    ans_held = answered(held_out_eval, len(feats["held_pos_last"]))
+    click.echo(f"answered unsteered: discovery {ans_disc.sum()}/{len(ans_disc)}, held-out {ans_held.sum()}/{len(ans_held)}")
+    report = {"model": model, "answered": {"discovery": int(ans_disc.sum()), "held_out": int(ans_held.sum())}, "rows": []}
+    for kind in ("last", "mean"):
+        pos, neg, hpos, hneg = (feats[f"{key}_{kind}"] for key, _, _ in SETS)
+        for k in (int(x) for x in ks.split(",")):
+            select = lambda p, n, k=k: top_by_t(p, n, k)  # noqa: E731
+            s_pos, s_neg, _ = out_of_fold_scores(pos, neg, "lda", 5, 0, select)
+            cols = select(pos, neg)
+            w = direction(pos[:, cols], neg[:, cols], "lda")
+            h_pos, h_neg = hpos[:, cols] @ w, hneg[:, cols] @ w
+            ranked = np.sort(s_neg)[::-1]
+            at_fps = {fp: int(np.sum(ans_disc & (s_pos > ranked[fp]))) for fp in (0, 1, 2, 5)}
+            caps = {}
+            for cap in (float(x) for x in fprs.split(",")):
+                t = choose_threshold(s_pos, s_neg, cap)
+                caps[str(cap)] = {"answered_caught": int(np.sum(ans_held & (h_pos >= t))),
+                                  "benign_fired": int(np.sum(h_neg >= t)), "tpr": round(float(np.mean(h_pos >= t)), 3)}
+            row = {"features": kind, "k": k, "auc_oof": round(auc(s_pos, s_neg), 4),
+                   "auc_held_out": round(auc(h_pos, h_neg), 4), "discovery_answered_caught_at_fps": at_fps,
+                   "held_out": caps}
+            report["rows"].append(row)
+            click.echo(f"{kind:>4} top {k:>4}: AUC oof {row['auc_oof']:.3f} held-out {row['auc_held_out']:.3f}; "
+                       f"discovery answered caught (of {ans_disc.sum()}) at 0/1/2/5 benign FPs: "
+                       f"{'/'.join(str(v) for v in at_fps.values())}; held-out " +
+                       "; ".join(f"cap {c}: {v['answered_caught']}/{ans_held.sum()} caught, {v['benign_fired']} benign"
+                                 for c, v in caps.items()))
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
