@@ -14,8 +14,28 @@ from .commands.inspect import inspect
 from .commands.serve import serve
 
 
+def _print_version(ctx: click.Context, _param, value: bool) -> None:
+    """--version: ours, and the llama.cpp build underneath (which CPU kernels it runs is a speed question)."""
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(f"cna-local {__version__}")
+    try:
+        from .runtime.binding import build_info
+
+        b = build_info()
+    except Exception as exc:  # the version must print even when the library does not load
+        click.echo(f"llama.cpp: could not be loaded ({exc})")
+    else:
+        kind = (f"the best of {len(b['cpu_variants'])} variants ({', '.join(b['cpu_variants'])}) for this CPU"
+                if b["cpu_variants"] else "a single library")
+        click.echo(f"llama.cpp: patched, from llama-cpp-python {b['llama_cpp_python']}, in {b['library_dir']}")
+        click.echo(f"CPU backend: {kind}; features: {' '.join(b['cpu_features']) or 'none beyond x86-64'}")
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, "--version", prog_name="cna-local")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version, the llama.cpp build and the CPU kernels it runs, and exit.")
 def cli() -> None:
     """Contrastive Neuron Attribution steering for local LLMs.
 

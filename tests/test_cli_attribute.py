@@ -52,7 +52,7 @@ def test_help_teaches_the_first_command():
     result = run("-h")
     assert result.exit_code == 0
     assert "cna-local attribute --help" in result.output
-    assert run("--version").output.strip().endswith(__version__)
+    assert run("--version").output.splitlines()[0] == f"cna-local {__version__}"
     help_text = run("attribute", "--help").output
     for option in ("--model", "--positive", "--negative", "--top-fraction", "--top-k", "--score", "--layers",
                    "--universal-filter", "--no-chat-template", "--out", "--json"):

@@ -61,3 +61,33 @@ def test_the_loaded_variant_is_the_best_this_cpu_runs():
     present, absent = FEATURES[expected]
     assert present <= on, f"expected the {expected} variant on a CPU with {sorted(VARIANTS[expected])}: {info}"
     assert not (absent & on), f"expected the {expected} variant, the loaded one has {sorted(absent & on)}: {info}"
+
+
+@needs_variants
+def test_version_names_the_build_and_the_kernels_it_runs():
+    from click.testing import CliRunner
+
+    from cna_local.cli import cli
+
+    out = CliRunner().invoke(cli, ["--version"]).output
+    expected = next(name for name, needs in VARIANTS.items() if needs <= cpu_flags())
+    assert "llama-cpp-python 0.3.36" in out and "the best of 4 variants" in out
+    features = out.split("features:", 1)[1].split()
+    present, absent = FEATURES[expected]
+    assert present <= set(features) and not (absent & set(features))
+
+
+def test_version_prints_even_when_llama_cpp_cannot_load(monkeypatch):
+    from click.testing import CliRunner
+
+    from cna_local import __version__
+    from cna_local.cli import cli
+
+    def broken():
+        raise OSError("libllama.so: cannot open shared object file")
+
+    monkeypatch.setattr(binding, "build_info", broken)
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.splitlines() == [f"cna-local {__version__}",
+                                          "llama.cpp: could not be loaded (libllama.so: cannot open shared object file)"]

@@ -119,3 +119,17 @@ def lib():
     if _lib is None:
         _lib = _bind()
     return _lib
+
+
+def build_info() -> dict:
+    """What llama.cpp build the runtime uses: its library directory, the CPU backend variants shipped
+    there and the features of the one loaded (x86-64 wheels pick the best variant at import)."""
+    import re
+
+    import llama_cpp
+
+    lib_dir = library_path().parent
+    variants = sorted(m.group(1) for p in lib_dir.iterdir() if (m := re.match(r"libggml-cpu-(.+)\.so$", p.name)))
+    info = llama_cpp.llama_print_system_info().decode()
+    return {"llama_cpp_python": llama_cpp.__version__, "library_dir": str(lib_dir), "cpu_variants": variants,
+            "cpu_features": re.findall(r"(\w+) = 1", info.split("CPU :", 1)[-1].split("\n", 1)[0])}
