@@ -4,7 +4,6 @@ elsewhere, plain x86-64 on anything older. Never ggml's AMX variant (its matmul 
 """
 
 import platform
-import re
 from pathlib import Path
 
 import pytest
@@ -29,38 +28,32 @@ FEATURES = {
 }
 
 
-def variant_libraries() -> dict[str, Path]:
-    lib_dir = binding.library_path().parent
-    return {m.group(1): p for p in lib_dir.iterdir() if (m := re.match(r"libggml-cpu-(.+)\.so$", p.name))}
-
-
-def cpu_flags() -> set[str]:
+def expected_variant() -> str:
+    """The best variant this CPU runs, from the kernel's own list of its flags."""
     text = Path("/proc/cpuinfo").read_text()
     line = next(line for line in text.splitlines() if line.startswith("flags"))
-    return set(line.split(":", 1)[1].split())
+    flags = set(line.split(":", 1)[1].split())
+    return next(name for name, needs in VARIANTS.items() if needs <= flags)
 
 
 needs_variants = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64") or not variant_libraries(),
+    platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64")
+    or not binding.build_info()["cpu_variants"],
     reason="not an x86-64 Linux build with CPU variants (-DCNA_CPU_VARIANTS=OFF, a native or a GPU build)")
 
 
 @needs_variants
 def test_the_wheel_ships_four_variants_and_never_the_amx_one():
-    assert set(variant_libraries()) == set(VARIANTS)
+    assert set(binding.build_info()["cpu_variants"]) == set(VARIANTS)
 
 
 @needs_variants
 def test_the_loaded_variant_is_the_best_this_cpu_runs():
-    import llama_cpp
-
-    flags = cpu_flags()
-    expected = next(name for name, needs in VARIANTS.items() if needs <= flags)
-    info = llama_cpp.llama_print_system_info().decode()
-    on = set(re.findall(r"(\w+) = 1", info))
+    expected = expected_variant()
+    on = set(binding.build_info()["cpu_features"])
     present, absent = FEATURES[expected]
-    assert present <= on, f"expected the {expected} variant on a CPU with {sorted(VARIANTS[expected])}: {info}"
-    assert not (absent & on), f"expected the {expected} variant, the loaded one has {sorted(absent & on)}: {info}"
+    assert present <= on, f"expected the {expected} variant on a CPU with {sorted(VARIANTS[expected])}: {sorted(on)}"
+    assert not (absent & on), f"expected the {expected} variant, the loaded one has {sorted(absent & on)}"
 
 
 @needs_variants
@@ -70,11 +63,10 @@ def test_version_names_the_build_and_the_kernels_it_runs():
     from cna_local.cli import cli
 
     out = CliRunner().invoke(cli, ["--version"]).output
-    expected = next(name for name, needs in VARIANTS.items() if needs <= cpu_flags())
     assert "llama-cpp-python 0.3.36" in out and "the best of 4 variants" in out
-    features = out.split("features:", 1)[1].split()
-    present, absent = FEATURES[expected]
-    assert present <= set(features) and not (absent & set(features))
+    features = set(out.split("features:", 1)[1].split())
+    present, absent = FEATURES[expected_variant()]
+    assert present <= features and not (absent & features)
 
 
 def test_version_prints_even_when_llama_cpp_cannot_load(monkeypatch):

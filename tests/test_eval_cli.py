@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from cna_local.cli import cli
+from cna_local.evaluation.report import baseline_row
 from cna_local.fingerprint import fingerprint_from_gguf
 from cna_local.maskfile import NeuronMask
 
@@ -84,6 +85,7 @@ def test_eval_end_to_end_writes_table_json_and_plot(files):
         assert {"question", "answer", "correct"} <= set(rec["capability"][0])
     base = data["rows"][0]
     assert base["quality_likelihood"] == 1.0 and base["kl_first_token"] == 0.0
+    assert baseline_row(data) is base  # what the study tools read as "the unsteered replies"
 
 
 def test_json_to_stdout(files):
@@ -153,6 +155,7 @@ def test_several_masks_side_by_side_in_one_table_json_and_frontier_plot(files):
     data = json.loads(out_json.read_text())
     assert set(data) == {"model", "settings", "baseline", "masks", "seconds", "baseline_seconds"}
     assert data["baseline"]["baseline"] is True and data["settings"]["batch_size"] == 2
+    assert baseline_row(data) is data["baseline"]
     assert [m["label"] for m in data["masks"]] == ["mask", "strong"]
     assert all([r["multiplier"] for r in m["rows"]] == [0.0, -1.0] for m in data["masks"])
     # the same mask and strength give the same numbers, whichever mask's row they sit in

@@ -14,8 +14,8 @@ figures are the attribution's alone, 120 + 120 bundled prompts by default.
     python tools/bench_attribution.py --lib native=/tmp/build-native/site/cna_local/lib   # + another llama.cpp build
 
 `--lib LABEL=DIR` adds a llama row run on the patched libraries in DIR (LLAMA_CPP_LIB_PATH), e.g. the
-single AVX2 library of a `-DCNA_CPU_VARIANTS=OFF` build or a `-DGGML_NATIVE=ON` one, side by side with
-the installed one; each row records the CPU features of the backend it loaded (llama_print_system_info).
+single AVX2 library of a `-DCNA_CPU_VARIANTS=OFF` build, or a `-DGGML_NATIVE=ON` one made for this machine
+only (it may not run on another), side by side with the installed one; each row records the CPU features of the backend it loaded (llama_print_system_info).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cna_local.gate import auc, choose_threshold, direction, out_of_fold_scores, row_columns, top_by_t  # noqa: E402
+from cna_local.evaluation.report import baseline_row  # noqa: E402
 
 
 def top_t(k: int):
@@ -103,7 +104,7 @@ def main(model, mask_path, positive, negative, negative_n, held_positive, held_n
     click.echo(f"read {sum(len(v) for v in values.values())} prompts in {time.perf_counter() - t0:.0f} s", err=True)
     refused = None
     if baseline_eval:
-        records = json.loads(baseline_eval.read_text())["baseline"]["records"]["harmful"]
+        records = baseline_row(json.loads(baseline_eval.read_text()))["records"]["harmful"]
         refused = np.array([bool(r["refused"]) for r in records])
         if len(refused) != len(values["held_pos"]):
             raise click.BadParameter(f"{len(refused)} harmful records against {len(values['held_pos'])} held-out prompts",

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cna_local.gate import auc, choose_threshold, direction, out_of_fold_scores, top_by_t  # noqa: E402
+from cna_local.evaluation.report import baseline_row  # noqa: E402
 
 SETS = (("pos", "harmful_train", None), ("neg", "benign_train", 100),
         ("held_pos", "harmful_heldout", None), ("held_neg", "benign_heldout", None))
@@ -81,7 +82,7 @@ def read_features(model: str) -> dict[str, np.ndarray]:
 
 
 def answered(path: Path, n: int) -> np.ndarray:
-    records = json.loads(path.read_text())["rows"][0]["records"]["harmful"]
+    records = baseline_row(json.loads(path.read_text()))["records"]["harmful"]
     if len(records) != n:
         raise click.BadParameter(f"{path} has {len(records)} harmful records, the set has {n} prompts")
     return ~np.array([bool(r["refused"]) for r in records])
@@ -90,7 +91,7 @@ def answered(path: Path, n: int) -> np.ndarray:
 @click.command()
 @click.option("--model", default="qwen-coder-1.5b", show_default=True)
 @click.option("--discovery-eval", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="`eval --json` at multiplier 1 on harmful_train: which discovery prompts the model answers.")
+              help="An `eval --json` file on harmful_train (its baseline row): which discovery prompts the model answers.")
 @click.option("--held-out-eval", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="The same on harmful_heldout.")
 @click.option("--k", "ks", default="251,1000,3000", show_default=True, help="Neuron counts (top |t| over every layer).")

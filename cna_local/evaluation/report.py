@@ -229,6 +229,14 @@ def comparison_dict(results, records: bool = True) -> dict:
     }
 
 
+def baseline_row(doc: dict) -> dict:
+    """The unsteered baseline row of an `eval --json` document, in either shape: one mask ("rows", the
+    baseline flagged among them) or several side by side (comparison_dict: "baseline" on its own)."""
+    if "baseline" in doc:
+        return doc["baseline"]
+    return next(r for r in doc["rows"] if r["baseline"])
+
+
 def comparison_json(results, records: bool = True) -> str:
     return json.dumps(_clean(comparison_dict(results, records)), indent=2, ensure_ascii=False, allow_nan=False)
 
