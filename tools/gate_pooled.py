@@ -18,6 +18,9 @@ Labels ("answered") come from `cna-local eval --json` files run at multiplier 1 
     cna-local eval --model qwen-coder-1.5b --mask M.gguf --multipliers 1 --harmful harmful_train \\
         --benign one.txt --no-capability --no-gate --json disc.json      # and --harmful harmful_heldout
     python tools/gate_pooled.py --model qwen-coder-1.5b --discovery-eval disc.json --held-out-eval held.json
+
+`--extra-negatives contrast` also judges each detector with the bundled contrast prompts added to the benign
+discovery set, side by side with it alone (REPORT.md section 8, stop 30: it does not help).
 """
 
 from __future__ import annotations
@@ -35,13 +38,14 @@ sys.path.insert(0, str(ROOT))
 
 from cna_local.gate import auc, choose_threshold, direction, out_of_fold_scores, top_by_t  # noqa: E402
 from cna_local.evaluation.report import baseline_row  # noqa: E402
+from cna_local.prompts import load_contrast_pairs  # noqa: E402
 
 SETS = (("pos", "harmful_train", None), ("neg", "benign_train", 100),
         ("held_pos", "harmful_heldout", None), ("held_neg", "benign_heldout", None))
 
 
-def read_features(model: str) -> dict[str, np.ndarray]:
-    """{set}_last and {set}_mean: [prompts, n_layer * n_ff] float64."""
+def read_features(model: str, extra: list[str]) -> dict[str, np.ndarray]:
+    """{set}_last and {set}_mean: [prompts, n_layer * n_ff] float64; the extra benign prompts under "extra"."""
     import torch
 
     from cna_local.loading import load_model
@@ -51,6 +55,8 @@ def read_features(model: str) -> dict[str, np.ndarray]:
 
     lm = load_model(resolve_model(model), progress=True)
     encoded = {key: encode_prompts(lm.tokenizer, load_bundled(name).prompts[:n]) for key, name, n in SETS}
+    if extra:
+        encoded["extra"] = encode_prompts(lm.tokenizer, extra)
     every = [ids for seqs in encoded.values() for ids in seqs]
     prefix = 0  # the chat template's tokens every prompt shares: not the prompt's own
     while all(len(ids) > prefix + 1 and ids[prefix] == every[0][prefix] for ids in every):
@@ -96,37 +102,46 @@ def answered(path: Path, n: int) -> np.ndarray:
               help="The same on harmful_heldout.")
 @click.option("--k", "ks", default="251,1000,3000", show_default=True, help="Neuron counts (top |t| over every layer).")
 @click.option("--fpr", "fprs", default="0,0.01,0.02,0.05", show_default=True, help="Caps for the held-out thresholds.")
+@click.option("--extra-negatives", type=click.Choice(("none", "contrast")), default="none", show_default=True,
+              help="contrast: also judge each detector with the bundled contrast prompts (both sides of every pair, "
+                   "ordinary requests: code, maths, cooking, French, ...) added to the benign discovery set, side by "
+                   "side with it alone: does a larger benign set place the threshold better?")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def main(model, discovery_eval, held_out_eval, ks, fprs, json_out):
-    feats = read_features(model)
+def main(model, discovery_eval, held_out_eval, ks, fprs, extra_negatives, json_out):
+    extra = ([p for a, b in load_contrast_pairs() for p in (*a.prompts, *b.prompts)]
+             if extra_negatives == "contrast" else [])
+    feats = read_features(model, extra)
     ans_disc = answered(discovery_eval, len(feats["pos_last"]))
     ans_held = answered(held_out_eval, len(feats["held_pos_last"]))
     click.echo(f"answered unsteered: discovery {ans_disc.sum()}/{len(ans_disc)}, held-out {ans_held.sum()}/{len(ans_held)}")
     report = {"model": model, "answered": {"discovery": int(ans_disc.sum()), "held_out": int(ans_held.sum())}, "rows": []}
-    for kind in ("last", "mean"):
+    negatives = ("benign", "benign+contrast") if extra else ("benign",)
+    for kind, negs, k in ((kind, negs, int(k)) for kind in ("last", "mean") for negs in negatives
+                          for k in ks.split(",")):
         pos, neg, hpos, hneg = (feats[f"{key}_{kind}"] for key, _, _ in SETS)
-        for k in (int(x) for x in ks.split(",")):
-            select = lambda p, n, k=k: top_by_t(p, n, k)  # noqa: E731
-            s_pos, s_neg, _ = out_of_fold_scores(pos, neg, "lda", 5, 0, select)
-            cols = select(pos, neg)
-            w = direction(pos[:, cols], neg[:, cols], "lda")
-            h_pos, h_neg = hpos[:, cols] @ w, hneg[:, cols] @ w
-            ranked = np.sort(s_neg)[::-1]
-            at_fps = {fp: int(np.sum(ans_disc & (s_pos > ranked[fp]))) for fp in (0, 1, 2, 5)}
-            caps = {}
-            for cap in (float(x) for x in fprs.split(",")):
-                t = choose_threshold(s_pos, s_neg, cap)
-                caps[str(cap)] = {"answered_caught": int(np.sum(ans_held & (h_pos >= t))),
-                                  "benign_fired": int(np.sum(h_neg >= t)), "tpr": round(float(np.mean(h_pos >= t)), 3)}
-            row = {"features": kind, "k": k, "auc_oof": round(auc(s_pos, s_neg), 4),
-                   "auc_held_out": round(auc(h_pos, h_neg), 4), "discovery_answered_caught_at_fps": at_fps,
-                   "held_out": caps}
-            report["rows"].append(row)
-            click.echo(f"{kind:>4} top {k:>4}: AUC oof {row['auc_oof']:.3f} held-out {row['auc_held_out']:.3f}; "
-                       f"discovery answered caught (of {ans_disc.sum()}) at 0/1/2/5 benign FPs: "
-                       f"{'/'.join(str(v) for v in at_fps.values())}; held-out " +
-                       "; ".join(f"cap {c}: {v['answered_caught']}/{ans_held.sum()} caught, {v['benign_fired']} benign"
-                                 for c, v in caps.items()))
+        if negs != "benign":
+            neg = np.concatenate([neg, feats[f"extra_{kind}"]])
+        select = lambda p, n, k=k: top_by_t(p, n, k)  # noqa: E731
+        s_pos, s_neg, _ = out_of_fold_scores(pos, neg, "lda", 5, 0, select)
+        cols = select(pos, neg)
+        w = direction(pos[:, cols], neg[:, cols], "lda")
+        h_pos, h_neg = hpos[:, cols] @ w, hneg[:, cols] @ w
+        ranked = np.sort(s_neg)[::-1]
+        at_fps = {fp: int(np.sum(ans_disc & (s_pos > ranked[fp]))) for fp in (0, 1, 2, 5)}
+        caps = {}
+        for cap in (float(x) for x in fprs.split(",")):
+            t = choose_threshold(s_pos, s_neg, cap)
+            caps[str(cap)] = {"answered_caught": int(np.sum(ans_held & (h_pos >= t))),
+                              "benign_fired": int(np.sum(h_neg >= t)), "tpr": round(float(np.mean(h_pos >= t)), 3)}
+        row = {"features": kind, "negatives": negs, "n_negatives": len(neg), "k": k, "auc_oof": round(auc(s_pos, s_neg), 4),
+               "auc_held_out": round(auc(h_pos, h_neg), 4), "discovery_answered_caught_at_fps": at_fps,
+               "held_out": caps}
+        report["rows"].append(row)
+        click.echo(f"{kind:>4} {negs} ({len(neg)}) top {k:>4}: AUC oof {row['auc_oof']:.3f} held-out {row['auc_held_out']:.3f}; "
+                   f"discovery answered caught (of {ans_disc.sum()}) at 0/1/2/5 benign FPs: "
+                   f"{'/'.join(str(v) for v in at_fps.values())}; held-out " +
+                   "; ".join(f"cap {c}: {v['answered_caught']}/{ans_held.sum()} caught, {v['benign_fired']} benign"
+                             for c, v in caps.items()))
     if json_out:
         json_out.write_text(json.dumps(report, indent=2))
 
