@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from cna_local.gate import Gate, GateError, auc, choose_threshold, fit_gate
+from cna_local.gate import Gate, GateError, auc, choose_threshold, fit_gate, fold_ids, top_by_t, top_by_t_folds
 from cna_local.maskfile import FORMAT_VERSION, KEY_PREFIX, MaskFileError, read_mask, tensor_name
 
 from test_maskfile import good_kv, good_tensors, make_mask, write_gguf
@@ -181,6 +181,30 @@ def test_the_fit_reports_each_of_its_folds_and_the_final_fit_and_the_gate_is_the
     assert len(steps) == 4 + 1
     quiet = fit_gate(pos, neg, own=3, n_ff=20, folds=4)
     assert quiet.threshold == gate.threshold and np.array_equal(quiet.weights, gate.weights)
+
+
+def test_each_folds_neurons_come_from_its_moments_as_from_its_own_rows():
+    """fit_gate chooses a fold's neurons from per-fold sums (no copy of the other folds' rows): the same
+    neurons `top_by_t` picks on that fold's training rows, for every fold and for all prompts."""
+    rng = np.random.default_rng(5)
+    pos = rng.normal(0.3, 1.0, (37, 500)).astype(np.float32) * rng.uniform(0.1, 3.0, 500).astype(np.float32)
+    neg = rng.normal(0.0, 1.0, (29, 500)).astype(np.float32)
+    fold_pos, fold_neg = fold_ids(len(pos), len(neg), 5, 0)
+    select = top_by_t_folds(pos, neg, fold_pos, fold_neg, 5, 40)
+    for f in range(5):
+        assert select(f).tolist() == top_by_t(pos[fold_pos != f].astype(np.float64),
+                                              neg[fold_neg != f].astype(np.float64), 40).tolist()
+    assert select(None).tolist() == top_by_t(pos.astype(np.float64), neg.astype(np.float64), 40).tolist()
+
+
+def test_float32_rows_give_the_gate_float64_rows_give():
+    """The captured rows are float32; the gate fits them without a float64 copy and gets the same gate."""
+    pos, neg = rows_with_signal()
+    wide = fit_gate(pos, neg, own=3, n_ff=20)
+    narrow = fit_gate(pos.astype(np.float32), neg.astype(np.float32), own=3, n_ff=20)
+    assert narrow.layers.tolist() == wide.layers.tolist() and narrow.neurons.tolist() == wide.neurons.tolist()
+    np.testing.assert_allclose(narrow.weights, wide.weights, rtol=1e-5)
+    assert narrow.threshold == pytest.approx(wide.threshold, rel=1e-5)
 
 
 def test_an_own_gate_chooses_its_neurons_inside_each_fold_so_noise_gets_no_credit():

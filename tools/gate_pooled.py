@@ -19,8 +19,10 @@ Labels ("answered") come from `cna-local eval --json` files run at multiplier 1 
         --benign one.txt --no-capability --no-gate --json disc.json      # and --harmful harmful_heldout
     python tools/gate_pooled.py --model qwen-coder-1.5b --discovery-eval disc.json --held-out-eval held.json
 
-`--extra-negatives contrast` also judges each detector with the bundled contrast prompts added to the benign
-discovery set, side by side with it alone (REPORT.md section 8, stop 30: it does not help).
+`--extra-negatives contrast|FILE` also judges each detector with more benign prompts added to the benign
+discovery set, side by side with it alone: the bundled contrast prompts, or a file such as
+tools/data/borderline_benign.txt (100 harmless requests that sound harmful, written for this study).
+Neither helps (REPORT.md section 8, stop 30).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from cna_local.gate import auc, choose_threshold, direction, out_of_fold_scores, top_by_t  # noqa: E402
 from cna_local.evaluation.report import baseline_row  # noqa: E402
-from cna_local.prompts import load_contrast_pairs  # noqa: E402
+from cna_local.prompts import load_contrast_pairs, resolve_prompt_set  # noqa: E402
 
 SETS = (("pos", "harmful_train", None), ("neg", "benign_train", 100),
         ("held_pos", "harmful_heldout", None), ("held_neg", "benign_heldout", None))
@@ -102,20 +104,24 @@ def answered(path: Path, n: int) -> np.ndarray:
               help="The same on harmful_heldout.")
 @click.option("--k", "ks", default="251,1000,3000", show_default=True, help="Neuron counts (top |t| over every layer).")
 @click.option("--fpr", "fprs", default="0,0.01,0.02,0.05", show_default=True, help="Caps for the held-out thresholds.")
-@click.option("--extra-negatives", type=click.Choice(("none", "contrast")), default="none", show_default=True,
-              help="contrast: also judge each detector with the bundled contrast prompts (both sides of every pair, "
-                   "ordinary requests: code, maths, cooking, French, ...) added to the benign discovery set, side by "
-                   "side with it alone: does a larger benign set place the threshold better?")
+@click.option("--extra-negatives", default="none", show_default=True, metavar="none|contrast|FILE",
+              help="Also judge each detector with more benign prompts added to the benign discovery set, side by side "
+                   "with it alone: does a larger benign set place the threshold better? contrast: the bundled contrast "
+                   "prompts (both sides of every pair: code, maths, cooking, French, ...); FILE: a prompt file.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def main(model, discovery_eval, held_out_eval, ks, fprs, extra_negatives, json_out):
-    extra = ([p for a, b in load_contrast_pairs() for p in (*a.prompts, *b.prompts)]
-             if extra_negatives == "contrast" else [])
+    if extra_negatives == "contrast":
+        extra = [p for a, b in load_contrast_pairs() for p in (*a.prompts, *b.prompts)]
+    elif extra_negatives != "none":
+        extra = resolve_prompt_set(extra_negatives).prompts
+    else:
+        extra = []
     feats = read_features(model, extra)
     ans_disc = answered(discovery_eval, len(feats["pos_last"]))
     ans_held = answered(held_out_eval, len(feats["held_pos_last"]))
     click.echo(f"answered unsteered: discovery {ans_disc.sum()}/{len(ans_disc)}, held-out {ans_held.sum()}/{len(ans_held)}")
     report = {"model": model, "answered": {"discovery": int(ans_disc.sum()), "held_out": int(ans_held.sum())}, "rows": []}
-    negatives = ("benign", "benign+contrast") if extra else ("benign",)
+    negatives = ("benign", f"benign+{Path(extra_negatives).stem}") if extra else ("benign",)
     for kind, negs, k in ((kind, negs, int(k)) for kind in ("last", "mean") for negs in negatives
                           for k in ks.split(",")):
         pos, neg, hpos, hneg = (feats[f"{key}_{kind}"] for key, _, _ in SETS)
