@@ -211,9 +211,11 @@ class FoldMoments:
         return n, mean, var
 
 
-def top_by_t_folds(pos: np.ndarray, neg: np.ndarray, fold_pos: np.ndarray, fold_neg: np.ndarray, folds: int, k: int):
+def top_by_t_folds(pos: np.ndarray, neg: np.ndarray, k: int, folds: int, seed: int):
     """select(f) -> the columns `top_by_t` would choose on every fold but f (None: on all prompts), from
-    per-fold moments instead of copies of the prompts' rows."""
+    per-fold moments instead of copies of the prompts' rows; the folds are `out_of_fold_scores`' own for
+    the same folds and seed."""
+    fold_pos, fold_neg = fold_ids(len(pos), len(neg), folds, seed)
     mp, mn = FoldMoments(pos, fold_pos, folds), FoldMoments(neg, fold_neg, folds)
 
     def select(f: int | None) -> np.ndarray:
@@ -313,7 +315,7 @@ def fit_gate(pos: np.ndarray, neg: np.ndarray, fpr: float = DEFAULT_FPR, method:
                             f"and n_ff {n_ff}.")
         if own < 1:
             raise GateError(f"a gate over its own neurons needs at least 1 neuron, not {own}.")
-        select = top_by_t_folds(pos, neg, *fold_ids(len(pos), len(neg), folds, seed), folds, own)
+        select = top_by_t_folds(pos, neg, own, folds, seed)
     s_pos, s_neg, fold_directions = out_of_fold_scores(pos, neg, method, folds, seed, select_fold=select,
                                                        on_fold=on_step)
     threshold = choose_threshold(s_pos, s_neg, fpr)

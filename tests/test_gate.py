@@ -189,8 +189,8 @@ def test_each_folds_neurons_come_from_its_moments_as_from_its_own_rows():
     rng = np.random.default_rng(5)
     pos = rng.normal(0.3, 1.0, (37, 500)).astype(np.float32) * rng.uniform(0.1, 3.0, 500).astype(np.float32)
     neg = rng.normal(0.0, 1.0, (29, 500)).astype(np.float32)
-    fold_pos, fold_neg = fold_ids(len(pos), len(neg), 5, 0)
-    select = top_by_t_folds(pos, neg, fold_pos, fold_neg, 5, 40)
+    fold_pos, fold_neg = fold_ids(len(pos), len(neg), 5, 0)  # out_of_fold_scores' folds
+    select = top_by_t_folds(pos, neg, 40, folds=5, seed=0)
     for f in range(5):
         assert select(f).tolist() == top_by_t(pos[fold_pos != f].astype(np.float64),
                                               neg[fold_neg != f].astype(np.float64), 40).tolist()
