@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cna_local.gate import auc, choose_threshold, direction, out_of_fold_scores, top_by_t  # noqa: E402
+from tools.gate_study import down_inputs, judge, summary  # noqa: E402
 from cna_local.evaluation.report import baseline_row  # noqa: E402
 from cna_local.prompts import load_contrast_pairs, resolve_prompt_set  # noqa: E402
 
@@ -48,44 +48,30 @@ SETS = (("pos", "harmful_train", None), ("neg", "benign_train", 100),
 
 def read_features(model: str, extra: list[str]) -> dict[str, np.ndarray]:
     """{set}_last and {set}_mean: [prompts, n_layer * n_ff] float64; the extra benign prompts under "extra"."""
-    import torch
-
-    from cna_local.loading import load_model
-    from cna_local.models import resolve_model
     from cna_local.prompts import load_bundled
     from cna_local.templating import encode_prompts
 
-    lm = load_model(resolve_model(model), progress=True)
-    encoded = {key: encode_prompts(lm.tokenizer, load_bundled(name).prompts[:n]) for key, name, n in SETS}
-    if extra:
-        encoded["extra"] = encode_prompts(lm.tokenizer, extra)
-    every = [ids for seqs in encoded.values() for ids in seqs]
-    prefix = 0  # the chat template's tokens every prompt shares: not the prompt's own
-    while all(len(ids) > prefix + 1 and ids[prefix] == every[0][prefix] for ids in every):
-        prefix += 1
-    current = {}
-    hooks = [down.register_forward_pre_hook(lambda mod, args, il=il: current.__setitem__(il, args[0][0].detach()))
-             for il, down in enumerate(lm.down_projs)]
-    decoder = lm.model.model  # without the output layer
     out = {}
-    try:
+    with down_inputs(model) as (lm, forward):
+        encoded = {key: encode_prompts(lm.tokenizer, load_bundled(name).prompts[:n]) for key, name, n in SETS}
+        if extra:
+            encoded["extra"] = encode_prompts(lm.tokenizer, extra)
+        every = [ids for seqs in encoded.values() for ids in seqs]
+        prefix = 0  # the chat template's tokens every prompt shares: not the prompt's own
+        while all(len(ids) > prefix + 1 and ids[prefix] == every[0][prefix] for ids in every):
+            prefix += 1
         for key, seqs in encoded.items():
             t0 = time.perf_counter()
             last = np.zeros((len(seqs), lm.n_layer, lm.n_ff), np.float32)
             mean = np.zeros_like(last)
             for i, ids in enumerate(seqs):
-                with torch.no_grad():
-                    decoder(input_ids=torch.tensor([ids]))
-                for il in range(lm.n_layer):
-                    last[i, il] = current[il][-1].float().numpy()
-                    mean[i, il] = current[il][prefix:].float().mean(0).numpy()
+                for il, values in enumerate(forward(ids)):
+                    last[i, il] = values[-1]
+                    mean[i, il] = values[prefix:].mean(0)
             out[key + "_last"] = last.reshape(len(seqs), -1).astype(np.float64)
             out[key + "_mean"] = mean.reshape(len(seqs), -1).astype(np.float64)
             click.echo(f"{key}: {len(seqs)} prompts in {time.perf_counter() - t0:.0f} s (shared prefix {prefix} tokens)",
                        err=True)
-    finally:
-        for h in hooks:
-            h.remove()
     return out
 
 
@@ -127,27 +113,10 @@ def main(model, discovery_eval, held_out_eval, ks, fprs, extra_negatives, json_o
         pos, neg, hpos, hneg = (feats[f"{key}_{kind}"] for key, _, _ in SETS)
         if negs != "benign":
             neg = np.concatenate([neg, feats[f"extra_{kind}"]])
-        select = lambda p, n, k=k: top_by_t(p, n, k)  # noqa: E731
-        s_pos, s_neg, _ = out_of_fold_scores(pos, neg, "lda", 5, 0, select)
-        cols = select(pos, neg)
-        w = direction(pos[:, cols], neg[:, cols], "lda")
-        h_pos, h_neg = hpos[:, cols] @ w, hneg[:, cols] @ w
-        ranked = np.sort(s_neg)[::-1]
-        at_fps = {fp: int(np.sum(ans_disc & (s_pos > ranked[fp]))) for fp in (0, 1, 2, 5)}
-        caps = {}
-        for cap in (float(x) for x in fprs.split(",")):
-            t = choose_threshold(s_pos, s_neg, cap)
-            caps[str(cap)] = {"answered_caught": int(np.sum(ans_held & (h_pos >= t))),
-                              "benign_fired": int(np.sum(h_neg >= t)), "tpr": round(float(np.mean(h_pos >= t)), 3)}
-        row = {"features": kind, "negatives": negs, "n_negatives": len(neg), "k": k, "auc_oof": round(auc(s_pos, s_neg), 4),
-               "auc_held_out": round(auc(h_pos, h_neg), 4), "discovery_answered_caught_at_fps": at_fps,
-               "held_out": caps}
+        row = {"features": kind, "negatives": negs, "n_negatives": len(neg),
+               **judge(pos, neg, hpos, hneg, k, [float(x) for x in fprs.split(",")], ans_disc, ans_held)}
         report["rows"].append(row)
-        click.echo(f"{kind:>4} {negs} ({len(neg)}) top {k:>4}: AUC oof {row['auc_oof']:.3f} held-out {row['auc_held_out']:.3f}; "
-                   f"discovery answered caught (of {ans_disc.sum()}) at 0/1/2/5 benign FPs: "
-                   f"{'/'.join(str(v) for v in at_fps.values())}; held-out " +
-                   "; ".join(f"cap {c}: {v['answered_caught']}/{ans_held.sum()} caught, {v['benign_fired']} benign"
-                             for c, v in caps.items()))
+        click.echo(f"{kind:>4} {negs} ({len(neg)}) top {k:>4}: " + summary(row, ans_disc.sum(), ans_held.sum()))
     if json_out:
         json_out.write_text(json.dumps(report, indent=2))
 

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cna_local.evaluation.report import baseline_row  # noqa: E402
-from cna_local.gate import auc, choose_threshold, direction, out_of_fold_scores, top_by_t  # noqa: E402
+from tools.gate_study import down_inputs, judge, summary  # noqa: E402
 
 
 def records(path: Path, kind: str) -> list[dict]:
@@ -50,37 +50,24 @@ def records(path: Path, kind: str) -> list[dict]:
 def read_features(model: str, sets: dict[str, list[tuple[str, str]]], ks: list[int]) -> dict[str, np.ndarray]:
     """{set}_{K}: [prompts, n_layer * n_ff] float64, the down-projection inputs after K reply tokens (K = 0:
     the last prompt token). A reply shorter than K is read at its last token."""
-    import torch
-
-    from cna_local.loading import load_model
-    from cna_local.models import resolve_model
     from cna_local.templating import encode_prompts
 
-    lm = load_model(resolve_model(model), progress=True)
-    current = {}
-    hooks = [down.register_forward_pre_hook(lambda mod, args, il=il: current.__setitem__(il, args[0][0].detach()))
-             for il, down in enumerate(lm.down_projs)]
-    decoder = lm.model.model  # without the output layer
     out = {}
-    try:
+    with down_inputs(model) as (lm, forward):
         for key, pairs in sets.items():
             t0 = time.perf_counter()
             prompts = encode_prompts(lm.tokenizer, [p for p, _ in pairs])
             feats = {k: np.zeros((len(pairs), lm.n_layer, lm.n_ff), np.float32) for k in ks}
             for i, (ids, (_, reply)) in enumerate(zip(prompts, pairs)):
                 reply_ids = lm.tokenizer(reply, add_special_tokens=False)["input_ids"][:max(ks)]
-                with torch.no_grad():
-                    decoder(input_ids=torch.tensor([ids + reply_ids]))
+                layers = forward(ids + reply_ids)
                 for k in ks:
                     pos = len(ids) - 1 + min(k, len(reply_ids))
                     for il in range(lm.n_layer):
-                        feats[k][i, il] = current[il][pos].float().numpy()
+                        feats[k][i, il] = layers[il][pos]
             for k in ks:
                 out[f"{key}_{k}"] = feats[k].reshape(len(pairs), -1).astype(np.float64)
             click.echo(f"{key}: {len(pairs)} prompts in {time.perf_counter() - t0:.0f} s", err=True)
-    finally:
-        for h in hooks:
-            h.remove()
     return out
 
 
@@ -113,35 +100,17 @@ def main(model, discovery_eval, held_out_eval, benign_discovery_eval, benign_hel
                f"held-out benign refused {refused_benign.sum()}/{len(refused_benign)}")
     feats = read_features(model, sets, ks)
     report = {"model": model, "answered": {"discovery": int(ans_disc.sum()), "held_out": int(ans_held.sum())}, "rows": []}
+    caps = [float(x) for x in fprs.split(",")]
     for positives in ("all", "answered"):
         for k, n in ((k, int(n)) for k in ks for n in neurons.split(",")):
             pos, neg, hpos, hneg = (feats[f"{key}_{k}"] for key in sets)
+            answered_pos = ans_disc
             if positives == "answered":
-                pos = pos[ans_disc]
-            select = lambda p, q, n=n: top_by_t(p, q, n)  # noqa: E731
-            s_pos, s_neg, _ = out_of_fold_scores(pos, neg, "lda", 5, 0, select)
-            cols = select(pos, neg)
-            w = direction(pos[:, cols], neg[:, cols], "lda")
-            h_pos, h_neg = hpos[:, cols] @ w, hneg[:, cols] @ w
-            ranked = np.sort(s_neg)[::-1]
-            answered_oof = s_pos if positives == "answered" else s_pos[ans_disc]
-            at_fps = {fp: int(np.sum(answered_oof > ranked[fp])) for fp in (0, 1, 2, 5)}
-            caps = {}
-            for cap in (float(x) for x in fprs.split(",")):
-                t = choose_threshold(s_pos, s_neg, cap)
-                caps[str(cap)] = {"answered_caught": int(np.sum(ans_held & (h_pos >= t))),
-                                  "benign_fired": int(np.sum(h_neg >= t)),
-                                  "harmful_fired": round(float(np.mean(h_pos >= t)), 3)}
-            row = {"positives": positives, "reply_tokens": k, "k": n, "auc_oof": round(auc(s_pos, s_neg), 4),
-                   "auc_held_out": round(auc(h_pos, h_neg), 4),
-                   "auc_held_out_answered": round(auc(h_pos[ans_held], h_neg), 4),
-                   "discovery_answered_caught_at_fps": at_fps, "held_out": caps}
+                pos, answered_pos = pos[ans_disc], ans_disc[ans_disc]
+            row = {"positives": positives, "reply_tokens": k,
+                   **judge(pos, neg, hpos, hneg, n, caps, answered_pos, ans_held)}
             report["rows"].append(row)
-            click.echo(f"{positives:>8} K={k:>2} top {n:>4}: AUC oof {row['auc_oof']:.3f} held-out {row['auc_held_out']:.3f} "
-                       f"(answered {row['auc_held_out_answered']:.3f}); discovery answered caught (of {ans_disc.sum()}) "
-                       f"at 0/1/2/5 benign FPs: {'/'.join(str(v) for v in at_fps.values())}; held-out " +
-                       "; ".join(f"cap {c}: {v['answered_caught']}/{ans_held.sum()} caught, {v['benign_fired']} benign"
-                                 for c, v in caps.items()))
+            click.echo(f"{positives:>8} K={k:>2} top {n:>4}: " + summary(row, ans_disc.sum(), ans_held.sum()))
     if json_out:
         json_out.write_text(json.dumps(report, indent=2))
 
