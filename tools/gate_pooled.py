@@ -38,8 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tools.gate_study import down_inputs, judge, summary  # noqa: E402
-from cna_local.evaluation.report import baseline_row  # noqa: E402
+from tools.gate_study import baseline_records, down_inputs, judge, summary  # noqa: E402
 from cna_local.prompts import load_contrast_pairs, resolve_prompt_set  # noqa: E402
 
 SETS = (("pos", "harmful_train", None), ("neg", "benign_train", 100),
@@ -76,7 +75,7 @@ def read_features(model: str, extra: list[str]) -> dict[str, np.ndarray]:
 
 
 def answered(path: Path, n: int) -> np.ndarray:
-    records = baseline_row(json.loads(path.read_text()))["records"]["harmful"]
+    records = baseline_records(path, "harmful")
     if len(records) != n:
         raise click.BadParameter(f"{path} has {len(records)} harmful records, the set has {n} prompts")
     return ~np.array([bool(r["refused"]) for r in records])

@@ -14,8 +14,8 @@ neurons by |t| over every layer, chosen inside each fold) at each K:
     caught at 0, 1, 2 and 5 benign false positives;
   * on the held-out sets, with the threshold chosen out of fold under each cap (0.01: strengthening's).
 
-Positives are every harmful discovery prompt (as `attribute` fits today) or, with --positives answered, only
-those the model answers (the prompts strengthening must catch). Replies are the unsteered greedy replies of
+Each K is judged twice: with every harmful discovery prompt as positives (as `attribute` fits today) and with
+only those the model answers (the prompts strengthening must catch). Replies are the unsteered greedy replies of
 `cna-local eval --json` runs at multiplier 1 (re-tokenized from their text), which also give the labels:
 
     cna-local eval --model qwen-coder-1.5b --mask M.gguf --multipliers 1 --harmful harmful_train \\
@@ -39,12 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cna_local.evaluation.report import baseline_row  # noqa: E402
-from tools.gate_study import down_inputs, judge, summary  # noqa: E402
-
-
-def records(path: Path, kind: str) -> list[dict]:
-    return baseline_row(json.loads(path.read_text()))["records"][kind]
+from tools.gate_study import baseline_records as records, down_inputs, judge, summary  # noqa: E402
 
 
 def read_features(model: str, sets: dict[str, list[tuple[str, str]]], ks: list[int]) -> dict[str, np.ndarray]:

@@ -6,6 +6,7 @@ held-out sets. What strengthening needs is counted apart: the harmful prompts th
 
 from __future__ import annotations
 
+import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +15,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cna_local.evaluation.report import baseline_row  # noqa: E402
 from cna_local.gate import auc, choose_threshold, direction, out_of_fold_scores, top_by_t  # noqa: E402
+
+
+def baseline_records(path: Path, kind: str) -> list[dict]:
+    """The unsteered (baseline) row's per-prompt records of one set ("harmful", "benign") of an `eval --json` file."""
+    return baseline_row(json.loads(path.read_text()))["records"][kind]
 
 
 @contextmanager
