@@ -78,8 +78,9 @@ def direction_writes(down_weights, pos_resid: np.ndarray, neg_resid: np.ndarray)
 
 def selective_score(
     pos_mean: np.ndarray, neg_mean: np.ndarray, neg_token_ms: np.ndarray, write: np.ndarray,
+    cost_weight: float = 1.0,
 ) -> np.ndarray:
-    """sign(delta) * max(0, sign(delta) * write) * max(0, |delta| - |mean(neg)| - rms_tokens(neg)).
+    """sign(delta) * max(0, sign(delta) * write) * max(0, |delta| - |mean(neg)| - cost_weight * rms_tokens(neg)).
 
     Steering scales a neuron at every position, so a good target is a neuron that ablation moves from
     the positive prompts' value to the negative prompts' value while it is quiet on ordinary text, and
@@ -94,11 +95,13 @@ def selective_score(
       neuron whose difference pushes along r (sign(delta) * write > 0) carries the behaviour; the size
       puts neurons of different layers in the same units.
     Neurons whose ablation would not pay score 0 and are never picked before any that would.
+    cost_weight scales the rms term: 1 is the product's score; a study of lighter ones behind the gate
+    (tools/gate_circuits.py, REPORT.md section 8) found none better.
     """
     delta = delta_score(pos_mean, neg_mean)
     if not (neg_token_ms.shape == write.shape == delta.shape):
         raise ScoringError(f"selective score inputs differ in shape: {delta.shape}, {neg_token_ms.shape}, {write.shape}")
-    gain = np.abs(delta) - np.abs(neg_mean) - np.sqrt(np.maximum(neg_token_ms, 0.0))
+    gain = np.abs(delta) - np.abs(neg_mean) - cost_weight * np.sqrt(np.maximum(neg_token_ms, 0.0))
     sign = np.sign(delta)
     return sign * np.maximum(sign * write, 0.0) * np.maximum(gain, 0.0)
 

@@ -68,6 +68,18 @@ def test_selective_score_is_what_ablation_fixes_minus_the_activity_it_disturbs_t
     assert abs(delta_score(pos, neg)[0, 1]) == abs(delta_score(pos, neg)[0, 0])
 
 
+def test_selective_score_cost_weight_scales_only_the_activity_on_ordinary_text():
+    # the same neurons as above: neuron 2 (busy on every token, rms 1.0) gains what the weight takes off
+    pos = np.array([[2.0, 5.0, 2.0, 0.0, 2.0]])
+    neg = np.array([[0.0, 3.0, 0.0, 2.0, 0.0]])
+    token_ms = np.array([[0.01, 0.01, 1.0, 0.01, 0.01]])
+    write = np.array([[1.0, 1.0, 1.0, 1.0, 2.0]])
+    np.testing.assert_array_equal(selective_score(pos, neg, token_ms, write, cost_weight=1.0),
+                                  selective_score(pos, neg, token_ms, write))
+    np.testing.assert_allclose(selective_score(pos, neg, token_ms, write, cost_weight=0.5), [[1.95, 0.0, 1.5, 0.0, 3.9]])
+    np.testing.assert_allclose(selective_score(pos, neg, token_ms, write, cost_weight=0.0), [[2.0, 0.0, 2.0, 0.0, 4.0]])
+
+
 def test_selective_score_keeps_the_sign_of_the_difference():
     # a neuron firing more on the negative side carries the behaviour when its write points against it
     score = selective_score(np.array([[-2.0]]), np.array([[0.0]]), np.zeros((1, 1)), -np.ones((1, 1)))

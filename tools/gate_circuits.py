@@ -22,18 +22,16 @@ import time
 from pathlib import Path
 
 import click
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cna_local.attribution import AttributionOptions, attribute  # noqa: E402
 from cna_local.calibration import CalibrationError, calibrate_gated  # noqa: E402
 from cna_local.capture import LlamaSource  # noqa: E402
+from cna_local.commands.attribute import CALIBRATION_PROMPTS  # noqa: E402
 from cna_local.models import resolve_model  # noqa: E402
 from cna_local.prompts import PromptSet, load_bundled  # noqa: E402
-from cna_local.scoring import delta_score, direction_writes, resolve_k, top_neurons  # noqa: E402
-
-CALIBRATION_PROMPTS = 20  # as `attribute` holds them out
+from cna_local.scoring import direction_writes, resolve_k, selective_score, top_neurons  # noqa: E402
 
 
 class Recording:
@@ -49,14 +47,6 @@ class Recording:
         out = self._source.collect(*args, **kwargs)
         self.stats.append(out)
         return out
-
-
-def weighted_selective(pos, neg, write: np.ndarray, cost_weight: float) -> np.ndarray:
-    """scoring.selective_score with its cost term (the negative set's all-token RMS) times cost_weight."""
-    delta = delta_score(pos.mean, neg.mean)
-    gain = np.abs(delta) - np.abs(neg.mean) - cost_weight * np.sqrt(np.maximum(neg.token_ms, 0.0))
-    sign = np.sign(delta)
-    return sign * np.maximum(sign * write, 0.0) * np.maximum(gain, 0.0)
 
 
 @click.command()
@@ -84,7 +74,7 @@ def main(model, cost_weights, top_fraction, run_eval, extra, batch_size, json_ou
     k = resolve_k(product.n_layer * product.n_ff, top_fraction)
     circuits = []
     for c in [float(x) for x in cost_weights.split(",")]:
-        scores = weighted_selective(pos_stats, neg_stats, write, c)
+        scores = selective_score(pos_stats.mean, neg_stats.mean, neg_stats.token_ms, write, cost_weight=c)
         n = min(k, int((scores != 0).sum()))
         sel = top_neurons(scores, n, exclude=scores == 0)
         mask = dataclasses.replace(product, layers=sel.layers, neurons=sel.neurons, scores=sel.scores, scales=None,
