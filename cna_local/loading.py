@@ -278,6 +278,24 @@ def _write_cache(entry: Path, source: Path, model: nn.Module, tokenizer) -> None
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def check_memory(path: Path, is_gguf: bool, dtype: torch.dtype, use_cache: bool, device_map: str | None) -> None:
+    """Refuse, with the fix, a model whose in-memory copy cannot fit (cna_local/memory_check.py).
+
+    Where the copy lives: a GGUF not yet in the dequantized cache is converted to float32 in memory, even
+    under --device-map (which then places it from the cache that conversion writes); from the cache, or from
+    a Hugging Face directory, it is held at `dtype` on the CPU before it moves to a device; under
+    --device-map accelerate places it from files, so nothing is checked."""
+    from .memory_check import check_fits, gguf_parameters, hf_parameters
+
+    cached = is_gguf and use_cache and (_gguf_cache_entry(path) / "complete.json").is_file()
+    if is_gguf and not cached:
+        check_fits(path, gguf_parameters(path), 4, is_gguf=True)
+    elif device_map is None:
+        n = gguf_parameters(path) if is_gguf else hf_parameters(path)
+        if n is not None:
+            check_fits(path, n, torch.empty((), dtype=dtype).element_size(), is_gguf=is_gguf)
+
+
 def load_model(path: str | Path, dtype: torch.dtype | None = None, use_cache: bool = True,
                progress: bool = False, device: str = "cpu", device_map: str | None = None,
                max_memory: dict | None = None) -> LoadedModel:
@@ -304,6 +322,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, use_cache: bo
         raise ModelLoadError(f"{path} does not exist. Fix: pass a Hugging Face model directory or a .gguf file.")
     if device_map is not None and is_gguf and not use_cache:
         raise ModelLoadError("--device-map loads a GGUF from its dequantized cache. Fix: drop --no-cache.")
+    check_memory(path, is_gguf, dtype, use_cache, device_map)
     try:
         if is_gguf:
             model, tokenizer = _load_gguf(path, dtype if device_map is None else torch.float32, use_cache, progress)

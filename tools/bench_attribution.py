@@ -61,10 +61,11 @@ def system_info(lib: Path | None) -> str:
     return proc.stdout.strip() if proc.returncode == 0 else f"unknown ({proc.stderr.strip()[-200:]})"
 
 
-def run_attribute(model: Path, backend: str, cache: Path, out: Path, n: int | None, lib: Path | None = None) -> dict:
+def run_attribute(model: Path, backend: str, cache: Path, out: Path, n: int | None, lib: Path | None = None,
+                  score: str = "selective") -> dict:
     """One `cna-local attribute` in a child process: its summary, wall time and peak RSS."""
     args = [sys.executable, "-m", "cna_local.cli", "attribute", "--model", str(model), "--backend", backend,
-            "--multiplier", "-1.5", "--out", str(out), "--json", "-q"]
+            "--multiplier", "-1.5", "--score", score, "--out", str(out), "--json", "-q"]
     if n is not None:
         prompts = out.parent / "prompts"
         prompts.mkdir(exist_ok=True)
@@ -84,16 +85,17 @@ def run_attribute(model: Path, backend: str, cache: Path, out: Path, n: int | No
     return {"summary": summary, "wall_seconds": round(wall, 1)}
 
 
-def measured(model: Path, backend: str, cache: Path, out: Path, n: int | None, lib: Path | None = None) -> dict:
+def measured(model: Path, backend: str, cache: Path, out: Path, n: int | None, lib: Path | None = None,
+             score: str = "selective") -> dict:
     """run_attribute in a fresh intermediate process, whose RUSAGE_CHILDREN peak is then that one command's."""
     code = ("import json, os, sys, subprocess; sys.path.insert(0, sys.argv[1]); "
             "import bench_attribution as b; from pathlib import Path; "
             "r = b.run_attribute(Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), Path(sys.argv[5]), "
-            "None if sys.argv[6] == '-' else int(sys.argv[6]), Path(sys.argv[7]) if sys.argv[7] != '-' else None); "
+            "None if sys.argv[6] == '-' else int(sys.argv[6]), Path(sys.argv[7]) if sys.argv[7] != '-' else None, sys.argv[8]); "
             "import resource; r['peak_rss_mb'] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024); "
             "print(json.dumps(r))")
     proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(model), backend, str(cache),
-                           str(out), "-" if n is None else str(n), "-" if lib is None else str(lib)],
+                           str(out), "-" if n is None else str(n), "-" if lib is None else str(lib), score],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
@@ -115,8 +117,10 @@ def jaccard(a_path: Path, b_path: Path) -> float:
 @click.option("--n", type=int, default=None, help="Prompts per side (default: the bundled sets whole, 120 + 120).")
 @click.option("--lib", "libs", multiple=True, metavar="LABEL=DIR",
               help="Also run the llama backend on the patched libraries in DIR, as row llama[LABEL]. Repeatable.")
+@click.option("--score", default="selective", show_default=True,
+              help="The attribute command's --score (delta for tools/synth_gguf.py's random-weight stand-ins).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def main(model, backends, n, libs, json_out):
+def main(model, backends, n, libs, score, json_out):
     model_path = resolve_model(model)
     runs = [(b, b, None) for b in backends.split(",")]  # (row label, backend, library directory)
     for spec in libs:
@@ -124,7 +128,7 @@ def main(model, backends, n, libs, json_out):
         if not sep or not any(Path(directory).glob("libllama*")):
             raise click.BadParameter(f"{spec!r}: expected LABEL=DIR with DIR holding a patched libllama", param_hint="--lib")
         runs.insert(1 if runs[0][1] == "llama" else 0, (f"llama[{label}]", "llama", Path(directory).resolve()))
-    report = {"model": str(model_path), "model_bytes": model_path.stat().st_size, "cpu": _cpu_name(),
+    report = {"model": str(model_path), "model_bytes": model_path.stat().st_size, "cpu": _cpu_name(), "score": score,
               "cores": os.cpu_count(), "runs": [],
               "builds": {label: system_info(lib) for label, backend, lib in runs if backend == "llama"}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,7 +138,7 @@ def main(model, backends, n, libs, json_out):
             cache = tmp / f"cache-{i}"  # each row starts from its own empty cache
             for state in ("cold", "warm"):
                 out = tmp / f"{i}-{state}.gguf"
-                r = measured(model_path, backend, cache, out, n, lib)
+                r = measured(model_path, backend, cache, out, n, lib, score)
                 s = r["summary"]
                 row = {"backend": label, "cache": state, "wall_seconds": r["wall_seconds"],
                        "peak_rss_mb": r["peak_rss_mb"], "seconds": s["seconds"], "n_neurons": s["n_neurons"],

@@ -1,0 +1,75 @@
+"""Will the torch backend's copy of the weights fit? Checked before loading, so a model too large for this
+machine stops with the fix instead of swapping for minutes and then meeting the kernel's OOM killer.
+
+transformers dequantizes a GGUF into float32 in memory (4 bytes per parameter: 28 GB for a 7B model)
+before anything else can happen, whatever device the model is meant for; a Hugging Face directory is held
+in memory at the dtype it loads in. Measured peaks are higher still (section 7 of REPORT.md: 1.5-2x the
+float32 copy), so the check only refuses what cannot fit: the copy alone larger than the memory available.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import CnaLocalError
+
+SKIP_ENV = "CNA_LOCAL_SKIP_MEMORY_CHECK"
+
+
+class NotEnoughMemoryError(CnaLocalError):
+    """The weights the torch backend would hold are larger than the memory this machine has free."""
+
+
+def available_bytes() -> int:
+    """RAM available without swapping other programs out, plus free swap."""
+    import psutil
+
+    return int(psutil.virtual_memory().available + psutil.swap_memory().free)
+
+
+def gguf_parameters(path: Path) -> int:
+    """How many weights a GGUF holds, from its tensor table (no tensor data read)."""
+    import math
+
+    from .gguf_index import GGUFIndex
+
+    return sum(math.prod(t.shape) for t in GGUFIndex(path).tensors.values())
+
+
+def hf_parameters(directory: Path) -> int | None:
+    """How many weights a Hugging Face directory's safetensors hold (headers only); None without safetensors."""
+    import math
+
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
+
+
+def check_fits(source: Path, n_params: int, bytes_per_param: int, *, is_gguf: bool, available: int | None = None) -> None:
+    """Raise NotEnoughMemoryError when n_params x bytes_per_param exceeds the memory available."""
+    if os.environ.get(SKIP_ENV):
+        return
+    need = n_params * bytes_per_param
+    available = available_bytes() if available is None else available
+    if need <= available:
+        return
+    what = ("dequantizes it to float32 in memory first" if is_gguf else
+            f"holds its weights in memory at {bytes_per_param} bytes each")
+    if is_gguf:
+        fix = (f"use the llama backend (`--backend llama`, the default for a .gguf file): it attributes inside "
+               f"llama.cpp in about the GGUF's own {source.stat().st_size / 1e9:.2f} GB plus well under 1 GB")
+    else:
+        fix = ("add `--device-map auto` (accelerate keeps what does not fit on the disk, slowly), or convert the "
+               "model to GGUF and use the llama backend, which needs about the GGUF's size")
+    raise NotEnoughMemoryError(
+        f"{source.name} has {n_params / 1e9:.2f}B parameters and the torch backend {what}: at least "
+        f"{need / 1e9:.1f} GB, where this machine has {available / 1e9:.1f} GB available (RAM and swap). "
+        f"Fix: {fix}; or free memory. To load anyway, set {SKIP_ENV}=1.")
