@@ -205,9 +205,11 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
     if backend == "llama":
         from ..capture import LlamaSource
 
-        if progress:
-            click.echo(f"      opening {model_path.name} in llama.cpp", err=True)
-        loaded = LlamaSource(model_path, chat_template=chat_template, use_cache=use_cache, n_gpu_layers=n_gpu_layers)
+        from ..progress import step
+
+        # a live count: a 7B takes 15-30 s here (llama.cpp repacks its Q4_K weights)
+        with step(f"opening {model_path.name} in llama.cpp", progress):
+            loaded = LlamaSource(model_path, chat_template=chat_template, use_cache=use_cache, n_gpu_layers=n_gpu_layers)
     else:
         from ..loading import load_model
 
