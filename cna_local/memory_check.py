@@ -1,16 +1,19 @@
-"""Will the torch backend's copy of the weights fit? Checked before loading, so a model too large for this
-machine stops with the fix instead of swapping for minutes and then meeting the kernel's OOM killer.
+"""Will attribution's copy of the weights fit? Checked before loading, so a model too large for this machine
+stops with the fix instead of swapping for minutes and then meeting the kernel's OOM killer.
 
 transformers dequantizes a GGUF into float32 in memory (4 bytes per parameter: 28 GB for a 7B model)
 before anything else can happen, whatever device the model is meant for; a Hugging Face directory is held
 in memory at the dtype it loads in. Measured peaks are higher still (section 7 of REPORT.md: 1.5-2x the
 float32 copy), so the check only refuses what cannot fit: the copy alone larger than the memory available.
+The llama backend needs the GGUF's own size plus the captured rows (check_llama_fits).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import numpy as np
 
 from .errors import CnaLocalError
 
@@ -73,3 +76,28 @@ def check_fits(source: Path, n_params: int, bytes_per_param: int, *, is_gguf: bo
         f"{source.name} has {n_params / 1e9:.2f}B parameters and the torch backend {what}: at least "
         f"{need / 1e9:.1f} GB, where this machine has {available / 1e9:.1f} GB available (RAM and swap). "
         f"Fix: {fix}; or free memory. To load anyway, set {SKIP_ENV}=1.")
+
+
+def check_llama_fits(path: Path, n_prompts: int, available: int | None = None) -> None:
+    """The llama backend reads the whole GGUF into memory (not mapped: the CPU backend repacks most weights
+    into a copy of its own) and keeps every prompt's captured row (n_layer x n_ff float32 values at its last
+    token) for the scores and the gate; refuse when those alone exceed the memory available."""
+    if os.environ.get(SKIP_ENV):
+        return
+    from .gguf_index import GGUFIndex
+
+    index = GGUFIndex(path)
+    arch = index.value("general.architecture")
+    n_layer, n_ff = index.value(f"{arch}.block_count"), index.value(f"{arch}.feed_forward_length")
+    if not isinstance(n_layer, (int, np.integer)) or not isinstance(n_ff, (int, np.integer)):
+        return  # the fingerprint's reader names what is wrong with such a file
+    weights, rows = path.stat().st_size, int(n_prompts) * int(n_layer) * int(n_ff) * 4
+    available = available_bytes() if available is None else available
+    if weights + rows <= available:
+        return
+    raise NotEnoughMemoryError(
+        f"attributing {path.name} in llama.cpp holds its {weights / 1e9:.2f} GB of weights and {rows / 1e9:.2f} GB "
+        f"of captured rows for {n_prompts} prompts: at least {(weights + rows) / 1e9:.1f} GB, where this machine has "
+        f"{available / 1e9:.1f} GB available (RAM and swap). Fix: close other programs, use a smaller quantization "
+        "or a smaller model, give fewer prompts, or offload the layers to a GPU with --device cuda|mps; or free "
+        f"memory. To load anyway, set {SKIP_ENV}=1.")

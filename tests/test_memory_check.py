@@ -8,7 +8,9 @@ from click.testing import CliRunner
 from cna_local import memory_check
 from cna_local.cli import cli
 from cna_local.loading import load_model
-from cna_local.memory_check import SKIP_ENV, NotEnoughMemoryError, check_fits, gguf_parameters, hf_parameters
+from cna_local.fingerprint import fingerprint_from_gguf
+from cna_local.memory_check import (SKIP_ENV, NotEnoughMemoryError, check_fits, check_llama_fits, gguf_parameters,
+                                    hf_parameters)
 
 
 def unique_parameters(model) -> int:
@@ -66,4 +68,22 @@ def test_attribute_says_it_before_loading_anything(tiny_gguf, small_machine, tmp
                                       "--multiplier", "-1", "--out", str(out)])
     assert result.exit_code != 0
     assert "Fix: use the llama backend" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_the_llama_backend_needs_the_file_and_every_prompts_row(tiny_gguf):
+    path = tiny_gguf("qwen2")
+    fp = fingerprint_from_gguf(path)
+    need = path.stat().st_size + 10 * fp.n_layer * fp.n_ff * 4
+    check_llama_fits(path, 10, available=need)
+    with pytest.raises(NotEnoughMemoryError, match=r"captured rows for 10 prompts.*Fix: close other programs"):
+        check_llama_fits(path, 10, available=need - 1)
+
+
+def test_attribute_on_the_llama_backend_says_it_before_loading(tiny_gguf, small_machine, tmp_path):
+    out = tmp_path / "m.gguf"
+    result = CliRunner().invoke(cli, ["attribute", "--model", str(tiny_gguf("qwen2")), "--multiplier", "-1",
+                                      "--out", str(out)])
+    assert result.exit_code != 0
+    assert "in llama.cpp holds its" in result.output and "Traceback" not in result.output
     assert not out.exists()

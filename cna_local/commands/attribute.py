@@ -204,9 +204,11 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
     t0 = time.perf_counter()
     if backend == "llama":
         from ..capture import LlamaSource
-
+        from ..memory_check import check_llama_fits
         from ..progress import step
 
+        if n_gpu_layers == 0:
+            check_llama_fits(model_path, len(pos) + len(neg))
         # a live count: a 7B takes 15-30 s here (llama.cpp repacks its Q4_K weights)
         with step(f"opening {model_path.name} in llama.cpp", progress):
             loaded = LlamaSource(model_path, chat_template=chat_template, use_cache=use_cache, n_gpu_layers=n_gpu_layers)
