@@ -1,7 +1,7 @@
 """Benchmark: what a neuron mask costs llama.cpp (prompt processing and decode tokens/s).
 
-Three configurations of one model, in one process, interleaved round by round so that drift of the
-machine hits all three alike:
+Three configurations of one model, in one process, interleaved round by round (each round starting
+with the next one) so that drift of the machine and a place in the round hit all three alike:
   none        no mask
   0.1%        0.1% of all FFN neurons (the product's default mask size), spread over the late half
   all-layers  a mask on every layer (1% of each layer's neurons): the most scale ops a mask can add
@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     tg = {c: [] for c in configs}
     time_pp(llm, prompt[:32])  # warm-up
     for r in range(args.rounds):
-        for c in configs:
+        # each round starts with another configuration, so none is favoured by its place in the round
+        for c in configs[r % len(configs):] + configs[:r % len(configs)]:
             if c == "none":
                 llm.steering.clear()
             else:
