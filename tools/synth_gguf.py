@@ -6,7 +6,7 @@ as in trained models), so whatever it says is noise. What it is good for is what
 tensor types: how long llama.cpp takes per token, and how much memory attribution holds. The tensor types
 follow llama.cpp's Q4_K_M rule (llama_tensor_get_type: Q4_K everywhere, Q6_K for the output layer and for
 attn_v and ffn_down in the layers `use_more_bits` picks); the tokenizer and chat template are the default
-model's (Qwen2.5's, the 7B's own vocabulary).
+model's (Qwen2.5's, the Qwen 7B's own vocabulary; for the Llama shape 152k tokens where Llama 3 has 128k).
 
     python tools/synth_gguf.py --shape qwen2.5-7b --out /tmp/synth-7b.gguf       # 4.4 GB, about a minute
     cna-local attribute --model /tmp/synth-7b.gguf --score delta --multiplier -1 --out /tmp/m.gguf --json
@@ -27,9 +27,11 @@ sys.path.insert(0, str(ROOT))
 
 # Hugging Face config values of the models these stand in for (their config.json).
 SHAPES = {
-    "qwen2.5-7b": dict(n_embd=3584, n_ff=18944, n_layer=28, n_head=28, n_head_kv=4, tied=False),
-    "qwen2.5-3b": dict(n_embd=2048, n_ff=11008, n_layer=36, n_head=16, n_head_kv=2, tied=True),
-    "qwen2.5-1.5b": dict(n_embd=1536, n_ff=8960, n_layer=28, n_head=12, n_head_kv=2, tied=False),
+    "qwen2.5-7b": dict(arch="qwen2", n_embd=3584, n_ff=18944, n_layer=28, n_head=28, n_head_kv=4, tied=False, rope=1e6),
+    "qwen2.5-3b": dict(arch="qwen2", n_embd=2048, n_ff=11008, n_layer=36, n_head=16, n_head_kv=2, tied=True, rope=1e6),
+    "qwen2.5-1.5b": dict(arch="qwen2", n_embd=1536, n_ff=8960, n_layer=28, n_head=12, n_head_kv=2, tied=False, rope=1e6),
+    # Llama-3.1-8B's shapes (its rope scaling left out: it changes no cost); the tokenizer stays --tokenizer-from's
+    "llama-3.1-8b": dict(arch="llama", n_embd=4096, n_ff=14336, n_layer=32, n_head=32, n_head_kv=8, tied=False, rope=5e5),
 }
 
 
@@ -46,10 +48,11 @@ def tensor_plan(s: dict, n_vocab: int):
     for i in range(s["n_layer"]):
         more = use_more_bits(i, s["n_layer"])
         p = f"blk.{i}."
+        bias = s["arch"] == "qwen2"  # Qwen2 has q/k/v biases, Llama none
         plan += [(p + "attn_norm.weight", (e,), "F32"),
-                 (p + "attn_q.weight", (e, e), "Q4_K"), (p + "attn_q.bias", (e,), "F32"),
-                 (p + "attn_k.weight", (kv, e), "Q4_K"), (p + "attn_k.bias", (kv,), "F32"),
-                 (p + "attn_v.weight", (kv, e), "Q6_K" if more else "Q4_K"), (p + "attn_v.bias", (kv,), "F32"),
+                 (p + "attn_q.weight", (e, e), "Q4_K"), *[(p + "attn_q.bias", (e,), "F32")] * bias,
+                 (p + "attn_k.weight", (kv, e), "Q4_K"), *[(p + "attn_k.bias", (kv,), "F32")] * bias,
+                 (p + "attn_v.weight", (kv, e), "Q6_K" if more else "Q4_K"), *[(p + "attn_v.bias", (kv,), "F32")] * bias,
                  (p + "attn_output.weight", (e, e), "Q4_K"),
                  (p + "ffn_norm.weight", (e,), "F32"),
                  (p + "ffn_gate.weight", (f, e), "Q4_K"), (p + "ffn_up.weight", (f, e), "Q4_K"),
@@ -112,7 +115,7 @@ def main(shape, tokenizer_from, out, seed):
 
     s = SHAPES[shape]
     tmp = out.with_name(out.name + ".partial")  # renamed when whole
-    writer = GGUFWriter(tmp, "qwen2")
+    writer = GGUFWriter(tmp, s["arch"])
     writer.add_name(f"synthetic {shape} (random weights)")
     writer.add_context_length(32768)
     writer.add_embedding_length(s["n_embd"])
@@ -120,7 +123,7 @@ def main(shape, tokenizer_from, out, seed):
     writer.add_block_count(s["n_layer"])
     writer.add_head_count(s["n_head"])
     writer.add_head_count_kv(s["n_head_kv"])
-    writer.add_rope_freq_base(1e6)
+    writer.add_rope_freq_base(s["rope"])
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_file_type(15)  # LLAMA_FTYPE_MOSTLY_Q4_K_M
     n_vocab = copy_tokenizer(writer, resolve_model(tokenizer_from))
