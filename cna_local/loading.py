@@ -293,7 +293,7 @@ def check_memory(path: Path, is_gguf: bool, dtype: torch.dtype, use_cache: bool,
     elif device_map is None:
         n = gguf_parameters(path) if is_gguf else hf_parameters(path)
         if n is not None:
-            check_fits(path, n, torch.empty((), dtype=dtype).element_size(), is_gguf=is_gguf)
+            check_fits(path, n, dtype.itemsize, is_gguf=is_gguf)
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, use_cache: bool = True,

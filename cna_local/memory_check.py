@@ -10,6 +10,7 @@ The llama backend needs the GGUF's own size plus the captured rows (check_llama_
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -21,7 +22,8 @@ SKIP_ENV = "CNA_LOCAL_SKIP_MEMORY_CHECK"
 
 
 class NotEnoughMemoryError(CnaLocalError):
-    """The weights the torch backend would hold are larger than the memory this machine has free."""
+    """What attribution would hold (the torch backend's copy, the llama backend's GGUF and rows) is larger
+    than the memory this machine has free."""
 
 
 def available_bytes() -> int:
@@ -33,8 +35,6 @@ def available_bytes() -> int:
 
 def gguf_parameters(path: Path) -> int:
     """How many weights a GGUF holds, from its tensor table (no tensor data read)."""
-    import math
-
     from .gguf_index import GGUFIndex
 
     return sum(math.prod(t.shape) for t in GGUFIndex(path).tensors.values())
@@ -42,8 +42,6 @@ def gguf_parameters(path: Path) -> int:
 
 def hf_parameters(directory: Path) -> int | None:
     """How many weights a Hugging Face directory's safetensors hold (headers only); None without safetensors."""
-    import math
-
     from safetensors import safe_open
 
     files = sorted(directory.glob("*.safetensors"))
@@ -56,13 +54,24 @@ def hf_parameters(directory: Path) -> int | None:
     return total
 
 
+def _available_unless_fits(need: int, available: int | None) -> int | None:
+    """None when `need` bytes fit (or the check is switched off), else the bytes available, for the message."""
+    if os.environ.get(SKIP_ENV):
+        return None
+    available = available_bytes() if available is None else available
+    return None if need <= available else available
+
+
+def _refusal(what: str, fix: str, available: int) -> NotEnoughMemoryError:
+    return NotEnoughMemoryError(f"{what}, where this machine has {available / 1e9:.1f} GB available (RAM and swap). "
+                                f"Fix: {fix}; or free memory. To load anyway, set {SKIP_ENV}=1.")
+
+
 def check_fits(source: Path, n_params: int, bytes_per_param: int, *, is_gguf: bool, available: int | None = None) -> None:
     """Raise NotEnoughMemoryError when n_params x bytes_per_param exceeds the memory available."""
-    if os.environ.get(SKIP_ENV):
-        return
     need = n_params * bytes_per_param
-    available = available_bytes() if available is None else available
-    if need <= available:
+    available = _available_unless_fits(need, available)
+    if available is None:
         return
     what = ("dequantizes it to float32 in memory first" if is_gguf else
             f"holds its weights in memory at {bytes_per_param} bytes each")
@@ -72,17 +81,15 @@ def check_fits(source: Path, n_params: int, bytes_per_param: int, *, is_gguf: bo
     else:
         fix = ("add `--device-map auto` (accelerate keeps what does not fit on the disk, slowly), or convert the "
                "model to GGUF and use the llama backend, which needs about the GGUF's size")
-    raise NotEnoughMemoryError(
-        f"{source.name} has {n_params / 1e9:.2f}B parameters and the torch backend {what}: at least "
-        f"{need / 1e9:.1f} GB, where this machine has {available / 1e9:.1f} GB available (RAM and swap). "
-        f"Fix: {fix}; or free memory. To load anyway, set {SKIP_ENV}=1.")
+    raise _refusal(f"{source.name} has {n_params / 1e9:.2f}B parameters and the torch backend {what}: at least "
+                   f"{need / 1e9:.1f} GB", fix, available)
 
 
 def check_llama_fits(path: Path, n_prompts: int, available: int | None = None) -> None:
     """The llama backend reads the whole GGUF into memory (not mapped: the CPU backend repacks most weights
     into a copy of its own) and keeps every prompt's captured row (n_layer x n_ff float32 values at its last
     token) for the scores and the gate; refuse when those alone exceed the memory available."""
-    if os.environ.get(SKIP_ENV):
+    if os.environ.get(SKIP_ENV):  # before reading the file, too
         return
     from .gguf_index import GGUFIndex
 
@@ -92,12 +99,11 @@ def check_llama_fits(path: Path, n_prompts: int, available: int | None = None) -
     if not isinstance(n_layer, (int, np.integer)) or not isinstance(n_ff, (int, np.integer)):
         return  # the fingerprint's reader names what is wrong with such a file
     weights, rows = path.stat().st_size, int(n_prompts) * int(n_layer) * int(n_ff) * 4
-    available = available_bytes() if available is None else available
-    if weights + rows <= available:
+    available = _available_unless_fits(weights + rows, available)
+    if available is None:
         return
-    raise NotEnoughMemoryError(
-        f"attributing {path.name} in llama.cpp holds its {weights / 1e9:.2f} GB of weights and {rows / 1e9:.2f} GB "
-        f"of captured rows for {n_prompts} prompts: at least {(weights + rows) / 1e9:.1f} GB, where this machine has "
-        f"{available / 1e9:.1f} GB available (RAM and swap). Fix: close other programs, use a smaller quantization "
-        "or a smaller model, give fewer prompts, or offload the layers to a GPU with --device cuda|mps; or free "
-        f"memory. To load anyway, set {SKIP_ENV}=1.")
+    raise _refusal(f"attributing {path.name} in llama.cpp holds its {weights / 1e9:.2f} GB of weights and "
+                   f"{rows / 1e9:.2f} GB of captured rows for {n_prompts} prompts: at least "
+                   f"{(weights + rows) / 1e9:.1f} GB",
+                   "close other programs, use a smaller quantization or a smaller model, give fewer prompts, or "
+                   "offload the layers to a GPU with --device cuda|mps", available)

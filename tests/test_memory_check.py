@@ -1,6 +1,6 @@
-"""The torch backend refuses, before loading, a model whose in-memory copy cannot fit, and says what to do:
-on a 16 GB laptop a 7B GGUF would need 28 GB of float32 weights, and the kernel's OOM killer is no error
-message."""
+"""Attribution refuses, before loading, a model whose in-memory copy cannot fit, and says what to do: on a
+16 GB laptop the torch backend would need 28 GB of float32 weights for a 7B GGUF, and the kernel's OOM
+killer is no error message. The llama backend needs the GGUF and every prompt's captured row."""
 
 import pytest
 from click.testing import CliRunner
