@@ -14,14 +14,17 @@ prompt) are decoded once, and each sequence of a decode starts from a copy of th
 are the same for every prompt, so their all-token sums count once per prompt. The result
 is the torch backend's `ActivationStats`, so every score, the layer range and the universal filter work on
 either backend. Numbers differ from torch's by the quantized matmuls' rounding (llama.cpp rounds the
-activations to the weights' dot-product type; tests/test_capture.py derives the bound).
+activations to the weights' dot-product type; tests/test_capture.py derives the bound). Q5_0 weights are
+held as F16 for the capture on x86-64 (Q5_0_AS_F16): faster, and closer to torch's float32.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +40,37 @@ the graph's and the context's buffer), so the budget bounds that memory."""
 MAX_SEQS = 64
 MIN_SHARED_PREFIX = 4
 """Shorter common prefixes are decoded with each prompt: an extra decode would cost more than it saves."""
+
+
+Q5_0_AS_F16 = "GGML_CPU_Q5_0_AS_F16"
+"""patches/0008's switch, read while a model loads: its Q5_0 matmul weights are held as F16 in the CPU
+backend's repack buffer, and prompt-sized matmuls on them take ggml's F16 GEMM instead of the Q5_0 kernel.
+A Q4_K_M file whose hidden size is not a multiple of 256 (the default 0.5B model: 896) keeps ~70% of its
+matmul weights in Q5_0; its capture ran 1.4x as fast with them as F16 (AVX2; REPORT section 7, stop 35),
+at about 2.3x those weights' bytes. Attribution only: decoding one token at a time would be slower on
+three times the bytes, so the runtime's models load without it. Set to 0 to keep Q5_0."""
+
+
+def q5_0_as_f16_applies() -> bool:
+    """Whether the capture's model loads with its Q5_0 weights as F16: on x86-64 (where it was measured),
+    unless GGML_CPU_Q5_0_AS_F16 is set (to 0: keep Q5_0)."""
+    if Q5_0_AS_F16 in os.environ:
+        return os.environ[Q5_0_AS_F16] != "0"
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+@contextmanager
+def _q5_0_as_f16():
+    """The switch on for one model load (a user's own setting wins), then restored: later loads, the
+    runtime's, keep Q5_0."""
+    if Q5_0_AS_F16 in os.environ or not q5_0_as_f16_applies():
+        yield
+        return
+    os.environ[Q5_0_AS_F16] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(Q5_0_AS_F16, None)
 
 
 class CaptureError(CnaLocalError):
@@ -83,8 +117,10 @@ class LlamaSource:
         # use_mmap=False: the CPU backend repacks most Q4_K weights into a copy of its own, and the mapped
         # file pages it read them from would stay resident beside it (measured on the 1.5B model: peak
         # RSS 1.99 GB mapped, 1.38 GB read; the same activations)
-        self.llm = SteeredLlama(str(self.source), n_ctx=budget, n_batch=budget, n_ubatch=budget, use_mmap=False,
-                                n_seq_max=min(MAX_SEQS, budget), n_gpu_layers=self._gpu_layers, **kwargs)
+        with _q5_0_as_f16():  # Q5_0 weights as F16 for this model only (Q5_0_AS_F16)
+            self.llm = SteeredLlama(str(self.source), n_ctx=budget, n_batch=budget, n_ubatch=budget,
+                                    use_mmap=False, n_seq_max=min(MAX_SEQS, budget), n_gpu_layers=self._gpu_layers,
+                                    **kwargs)
         self.budget = budget
         self._encoder = Engine(self.llm, chat_template=self.chat_template)  # the runtime's own prompt encoding
 

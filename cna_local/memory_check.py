@@ -85,9 +85,22 @@ def check_fits(source: Path, n_params: int, bytes_per_param: int, *, is_gguf: bo
                    f"{need / 1e9:.1f} GB", fix, available)
 
 
+def _q5_0_growth(index) -> int:
+    """Bytes the capture's model grows by when its Q5_0 layer weights are held as F16 (capture.Q5_0_AS_F16)."""
+    from .capture import q5_0_as_f16_applies
+
+    if not q5_0_as_f16_applies():
+        return 0
+    q5_0 = 6  # ggml type
+    # every Q5_0 matrix a matmul reads; the token embeddings only when tied to the output (no output.weight)
+    tied = "output.weight" not in index.tensors
+    return sum(2 * int(np.prod(t.shape)) - t.nbytes for t in index.tensors.values()
+               if t.type == q5_0 and len(t.shape) == 2 and (t.name != "token_embd.weight" or tied))
+
+
 def check_llama_fits(path: Path, n_prompts: int, available: int | None = None) -> None:
     """The llama backend reads the whole GGUF into memory (not mapped: the CPU backend repacks most weights
-    into a copy of its own) and keeps every prompt's captured row (n_layer x n_ff float32 values at its last
+    into a copy of its own; Q5_0 ones as F16, larger) and keeps every prompt's captured row (n_layer x n_ff float32 values at its last
     token) for the scores and the gate; refuse when those alone exceed the memory available."""
     if os.environ.get(SKIP_ENV):  # before reading the file, too
         return
@@ -99,6 +112,7 @@ def check_llama_fits(path: Path, n_prompts: int, available: int | None = None) -
     if not isinstance(n_layer, (int, np.integer)) or not isinstance(n_ff, (int, np.integer)):
         return  # the fingerprint's reader names what is wrong with such a file
     weights, rows = path.stat().st_size, int(n_prompts) * int(n_layer) * int(n_ff) * 4
+    weights += _q5_0_growth(index)
     available = _available_unless_fits(weights + rows, available)
     if available is None:
         return

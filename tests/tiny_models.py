@@ -219,3 +219,31 @@ def to_gguf(hf_dir: Path, outtype: str = "f32", out: Path | None = None) -> Path
     if proc.returncode != 0 or not out.is_file():
         raise RuntimeError(f"convert_hf_to_gguf.py failed for {hf_dir} ({outtype}):\n{proc.stderr[-4000:]}")
     return out
+
+
+def requantize(gguf_path: Path, qtype: str, out: Path) -> Path:
+    """Rewrite a GGUF's layer weight matrices (blk.*, 2-D) as qtype (e.g. "Q5_0", which the converter does
+    not write) with gguf-py's reference quantizer; everything else is copied as it is."""
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+    from gguf.quants import dequantize, quantize
+
+    target = GGMLQuantizationType[qtype]
+    reader = GGUFReader(gguf_path)
+    writer = GGUFWriter(out, reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue  # the writer's own
+        vtype = GGUFValueType(field.types[0])
+        sub = GGUFValueType(field.types[1]) if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), vtype, sub)
+    for t in reader.tensors:
+        if t.name.startswith("blk.") and len(t.shape) == 2:
+            rows = dequantize(t.data, t.tensor_type)
+            writer.add_tensor(t.name, quantize(rows, target), raw_dtype=target)
+        else:
+            writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(out)
