@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,12 +177,19 @@ def _load_hf_dir(directory: Path, dtype: torch.dtype, device_map: str | None = N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    kwargs = {}
-    if device_map is not None:
-        # accelerate fills the GPUs first, then CPU memory, then offloads the rest to disk
-        offload = Path(tempfile.mkdtemp(prefix="cna-offload-"))
-        kwargs = {"device_map": device_map, "offload_folder": str(offload), "max_memory": max_memory}
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+    if device_map is None:
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype), tokenizer
+    # accelerate fills the GPUs first, then CPU memory, then offloads the rest to disk
+    offload = Path(tempfile.mkdtemp(prefix="cna-offload-"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map=device_map,
+                                                     offload_folder=str(offload), max_memory=max_memory)
+    except BaseException:
+        shutil.rmtree(offload, ignore_errors=True)
+        raise
+    # the offloaded weights (GBs for a large model) live as long as the model: removed when it is collected,
+    # or at exit
+    weakref.finalize(model, shutil.rmtree, offload, ignore_errors=True)
     return model, tokenizer
 
 

@@ -1,5 +1,8 @@
 """The torch backend beyond one device: accelerate's placement gives the statistics one device gives."""
 
+import gc
+import tempfile
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -34,6 +37,18 @@ def test_device_map_auto_gives_the_single_device_statistics(tiny_qwen2_hf, max_m
     expected = direction_writes(TorchSource(want_model).down_weights(), want.resid_mean, want.resid_mean + 1)
     np.testing.assert_allclose(writes, expected, rtol=1e-6, atol=1e-9)
     assert TorchSource(placed).fingerprint() == TorchSource(want_model).fingerprint()
+
+
+def test_the_disk_offload_folder_goes_with_the_model(tiny_qwen2_hf, tmp_path, monkeypatch):
+    """accelerate may write offloaded layers to a folder of ours (weights not already in safetensors files):
+    it lasts as long as the model, no longer (a large model's offload is GBs of disk)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    placed = load_model(tiny_qwen2_hf, device_map="auto", max_memory={"cpu": 60_000})
+    assert "disk" in set(placed.model.hf_device_map.values())
+    (folder,) = tmp_path.glob("cna-offload-*")
+    del placed
+    gc.collect()
+    assert not folder.exists()
 
 
 def test_devices_this_machine_lacks_are_clear_errors(tiny_qwen2_hf, tiny_gguf, tmp_path):
