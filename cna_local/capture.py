@@ -15,7 +15,7 @@ are the same for every prompt, so their all-token sums count once per prompt. Th
 is the torch backend's `ActivationStats`, so every score, the layer range and the universal filter work on
 either backend. Numbers differ from torch's by the quantized matmuls' rounding (llama.cpp rounds the
 activations to the weights' dot-product type; tests/test_capture.py derives the bound). Q5_0 weights are
-held as F16 for the capture on x86-64 (Q5_0_AS_F16): faster, and closer to torch's float32.
+held as F16 for the capture on x86-64 with AVX2 (Q5_0_AS_F16): faster, and closer to torch's float32.
 """
 
 from __future__ import annotations
@@ -52,11 +52,17 @@ three times the bytes, so the runtime's models load without it. Set to 0 to keep
 
 
 def q5_0_as_f16_applies() -> bool:
-    """Whether the capture's model loads with its Q5_0 weights as F16: on x86-64 (where it was measured),
-    unless GGML_CPU_Q5_0_AS_F16 is set (to 0: keep Q5_0)."""
+    """Whether the capture's model loads with its Q5_0 weights as F16: where it was measured, an x86-64 CPU
+    backend built with AVX2 and F16C (llamafile's F16 GEMM), unless GGML_CPU_Q5_0_AS_F16 is set (to 0: keep
+    Q5_0)."""
     if Q5_0_AS_F16 in os.environ:
         return os.environ[Q5_0_AS_F16] != "0"
-    return platform.machine().lower() in ("x86_64", "amd64")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    import llama_cpp
+
+    features = llama_cpp.llama_print_system_info().decode(errors="replace")
+    return "AVX2 = 1" in features and "F16C = 1" in features
 
 
 @contextmanager

@@ -14,7 +14,6 @@ Expected differences (why the tolerances are what they are):
 
 
 import os
-import platform
 
 import llama_cpp
 import numpy as np
@@ -22,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from cna_local.activations import TorchSource
-from cna_local.capture import Q5_0_AS_F16, CaptureError, LlamaSource
+from cna_local.capture import Q5_0_AS_F16, CaptureError, LlamaSource, q5_0_as_f16_applies
 from cna_local.cli import cli
 from cna_local.loading import load_model
 from cna_local.maskfile import NeuronMask
@@ -93,9 +92,11 @@ def _collect_q5_0(gguf, switch, monkeypatch):
 
 
 @pytest.mark.skipif(N_GPU_LAYERS > 0, reason="the CPU backend's weights: a GPU holds its own copy")
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="on by default on x86-64 only")
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_q5_0_weights_are_captured_as_f16_which_is_closer_to_torch(tiny_q5_0, arch, monkeypatch):
+    monkeypatch.delenv(Q5_0_AS_F16, raising=False)
+    if not q5_0_as_f16_applies():
+        pytest.skip("the F16 capture is the default on x86-64 CPUs with AVX2 and F16C only")
     gguf = tiny_q5_0(arch)
     want = TorchSource(load_model(gguf)).collect(PROMPTS, keep=True, keep_residual=True, progress=False)
     f16 = _collect_q5_0(gguf, None, monkeypatch)  # the default
