@@ -92,12 +92,13 @@ def _collect_q5_0(gguf, switch, monkeypatch):
 
 
 @pytest.mark.skipif(N_GPU_LAYERS > 0, reason="the CPU backend's weights: a GPU holds its own copy")
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_q5_0_weights_are_captured_as_f16_which_is_closer_to_torch(tiny_q5_0, arch, monkeypatch):
+def test_q5_0_weights_are_captured_as_f16_which_is_closer_to_torch(tiny_q5_0, monkeypatch):
+    """One architecture: the F16 copy changes each matmul, whatever model the matmuls make (the qwen2 one
+    measured the same, 5.5e-4 against 1.4%, but torch's GGUF reader takes 50 s over its vocabulary)."""
     monkeypatch.delenv(Q5_0_AS_F16, raising=False)
     if not q5_0_as_f16_applies():
         pytest.skip("the F16 capture is the default on x86-64 CPUs with AVX2 and F16C only")
-    gguf = tiny_q5_0(arch)
+    gguf = tiny_q5_0("llama")
     want = TorchSource(load_model(gguf)).collect(PROMPTS, keep=True, keep_residual=True, progress=False)
     f16 = _collect_q5_0(gguf, None, monkeypatch)  # the default
     assert Q5_0_AS_F16 not in os.environ  # set for the load only
@@ -116,7 +117,7 @@ def test_the_runtime_keeps_q5_0_after_a_capture(tiny_q5_0, monkeypatch):
     from cna_local.runtime.llama import SteeredLlama
 
     monkeypatch.delenv(Q5_0_AS_F16, raising=False)
-    gguf = tiny_q5_0("qwen2")
+    gguf = tiny_q5_0("llama")
 
     def last_logits():
         llm = SteeredLlama(str(gguf), n_ctx=256, n_gpu_layers=N_GPU_LAYERS, verbose=False)
