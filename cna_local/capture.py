@@ -47,7 +47,7 @@ Q5_0_AS_F16 = "GGML_CPU_Q5_0_AS_F16"
 backend's repack buffer, and prompt-sized matmuls on them take ggml's F16 GEMM instead of the Q5_0 kernel.
 A Q4_K_M file whose hidden size is not a multiple of 256 (the default 0.5B model: 896) keeps ~70% of its
 matmul weights in Q5_0; its capture ran 1.4x as fast with them as F16 (AVX2; REPORT section 7, stop 35),
-at about 2.3x those weights' bytes. Attribution only: decoding one token at a time would be slower on
+at about 2.9x those weights' bytes. Attribution only: decoding one token at a time would be slower on
 three times the bytes, so the runtime's models load without it. Set to 0 to keep Q5_0."""
 
 

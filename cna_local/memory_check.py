@@ -100,8 +100,9 @@ def _q5_0_growth(index) -> int:
 
 def check_llama_fits(path: Path, n_prompts: int, available: int | None = None) -> None:
     """The llama backend reads the whole GGUF into memory (not mapped: the CPU backend repacks most weights
-    into a copy of its own; Q5_0 ones as F16, larger) and keeps every prompt's captured row (n_layer x n_ff float32 values at its last
-    token) for the scores and the gate; refuse when those alone exceed the memory available."""
+    into a copy of its own; Q5_0 ones as F16, larger) and keeps every prompt's captured row (n_layer x n_ff
+    float32 values at its last token) for the scores and the gate; refuse when those alone exceed the memory
+    available."""
     if os.environ.get(SKIP_ENV):  # before reading the file, too
         return
     from .gguf_index import GGUFIndex

@@ -14,8 +14,8 @@ figures are the attribution's alone, 120 + 120 bundled prompts by default.
     python tools/bench_attribution.py --lib native=/tmp/build-native/site/cna_local/lib   # + another llama.cpp build
 
 `--q5-0-kept` adds a llama row with the model's Q5_0 weights kept as Q5_0 (the capture holds them as F16 on
-x86-64: cna_local/capture.py, Q5_0_AS_F16). `--lib LABEL=DIR` adds a llama row run on the patched libraries in DIR (LLAMA_CPP_LIB_PATH), e.g. the
-single AVX2 library of a `-DCNA_CPU_VARIANTS=OFF` build, or a `-DGGML_NATIVE=ON` one made for this machine
+x86-64 with AVX2: cna_local/capture.py, Q5_0_AS_F16). `--lib LABEL=DIR` adds a llama row run on the patched
+libraries in DIR (LLAMA_CPP_LIB_PATH), e.g. the single AVX2 library of a `-DCNA_CPU_VARIANTS=OFF` build, or a `-DGGML_NATIVE=ON` one made for this machine
 only (it may not run on another), side by side with the installed one; each row records the CPU features of the backend it loaded (llama_print_system_info).
 """
 
