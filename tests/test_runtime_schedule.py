@@ -11,6 +11,7 @@ from cna_local.maskfile import MaskFileError, NeuronMask
 from cna_local.runtime import SteeredLlama, SteeringError
 
 from test_eval_runner import make_mask
+from tiny_models import copy_fields
 
 LLM = dict(n_ctx=512, n_threads=1, n_threads_batch=1)
 PROMPT = "Write a haiku about rain"
@@ -120,13 +121,8 @@ def test_a_bad_schedule_in_a_file_is_refused_by_name(mask, tmp_path):
     field = reader.fields[KEY_PREFIX + "model_name"]
     # rewrite the file with a schedule entry that no cna-local knows
     writer = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), arch=mask.arch)
-    for name, f in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        if name == KEY_PREFIX + "version":
-            writer.add_uint32(name, 2)
-            continue
-        writer.add_key_value(name, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
+    copy_fields(reader, writer, skip={KEY_PREFIX + "version"})
+    writer.add_uint32(KEY_PREFIX + "version", 2)
     writer.add_string(KEY_PREFIX + "schedule", "sometimes")
     for t in reader.tensors:
         writer.add_tensor(t.name, t.data)

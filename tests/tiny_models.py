@@ -221,21 +221,29 @@ def to_gguf(hf_dir: Path, outtype: str = "f32", out: Path | None = None) -> Path
     return out
 
 
+def copy_fields(reader, writer, skip=()) -> None:
+    """Every metadata field of a gguf.GGUFReader into a GGUFWriter, but the writer's own (GGUF.*,
+    general.architecture) and the names in skip (a test writes its own)."""
+    from gguf import GGUFValueType
+
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture" or name in skip:
+            continue
+        vtype = GGUFValueType(field.types[0])
+        sub = GGUFValueType(field.types[1]) if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), vtype, sub)
+
+
 def requantize(gguf_path: Path, qtype: str, out: Path) -> Path:
     """Rewrite a GGUF's layer weight matrices (blk.*, 2-D) as qtype (e.g. "Q5_0", which the converter does
     not write) with gguf-py's reference quantizer; everything else is copied as it is."""
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
     from gguf.quants import dequantize, quantize
 
     target = GGMLQuantizationType[qtype]
     reader = GGUFReader(gguf_path)
     writer = GGUFWriter(out, reader.fields["general.architecture"].contents())
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue  # the writer's own
-        vtype = GGUFValueType(field.types[0])
-        sub = GGUFValueType(field.types[1]) if vtype == GGUFValueType.ARRAY else None
-        writer.add_key_value(name, field.contents(), vtype, sub)
+    copy_fields(reader, writer)
     for t in reader.tensors:
         if t.name.startswith("blk.") and len(t.shape) == 2:
             rows = dequantize(t.data, t.tensor_type)
