@@ -171,3 +171,19 @@ def test_schedule_and_batch_size_options(files):
     assert s["schedule"] == "prompt" and s["batch_size"] == 1
     bad = run(*base_args(files), "--schedule", "sometimes")
     assert bad.exit_code == 2 and "sometimes" in bad.output
+
+
+def test_busy_cores_warning_reads_the_cores_now_not_the_trailing_load_average(monkeypatch, capsys):
+    from cna_local.commands import eval as eval_cmd
+
+    monkeypatch.setattr(eval_cmd.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(eval_cmd.os, "getloadavg", lambda: (1.9, 1.9, 1.9), raising=False)  # a run that just ended
+    eval_cmd._warn_if_busy(2, quiet=False, busy=0.05)  # idle now: no warning, whatever the load average says
+    assert capsys.readouterr().err == ""
+    eval_cmd._warn_if_busy(2, quiet=False, busy=1.0)  # one core taken: two spinning threads would crawl
+    err = capsys.readouterr().err
+    assert "1.0 of 2 cores are busy" in err and "--threads 1" in err
+    eval_cmd._warn_if_busy(1, quiet=False, busy=1.0)  # one thread fits the free core
+    eval_cmd._warn_if_busy(2, quiet=True, busy=1.0)
+    assert capsys.readouterr().err == ""
+    assert eval_cmd._busy_cores(0.05) is not None  # psutil measures this machine

@@ -30,16 +30,27 @@ class MultiplierList(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-def _warn_if_busy(threads: int, quiet: bool) -> None:
+def _busy_cores(sample_s: float = 0.3) -> float | None:
+    """How many cores other processes keep busy now: the system's CPU use over a short sample. Not the load
+    average, which trails by a minute: right after an `attribute` run it still reads ~1.5 on idle cores."""
+    try:
+        import psutil
+
+        return psutil.cpu_percent(interval=sample_s) / 100.0 * (psutil.cpu_count() or 1)
+    except Exception:  # no /proc, a sandbox: say nothing rather than guess
+        return None
+
+
+def _warn_if_busy(threads: int, quiet: bool, busy: float | None = None) -> None:
     """llama.cpp's worker threads spin-wait on each other: with more threads than idle cores, decoding can get
     10-100x slower (measured: 1.4 instead of 23 tokens/s with 2 threads on 2 cores, one of them busy)."""
-    try:
-        load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    except (AttributeError, OSError):
+    if quiet or threads <= 1:
         return
-    if not quiet and threads > 1 and threads > cores - load + 0.5:
-        click.echo(f"warning: load average {load:.1f} on {cores} cores: with --threads {threads} llama.cpp may run "
-                   f"many times slower; consider --threads {max(1, int(cores - load + 0.5))}.", err=True)
+    busy = _busy_cores() if busy is None else busy
+    cores = os.cpu_count() or 1
+    if busy is not None and threads > cores - busy + 0.5:
+        click.echo(f"warning: {busy:.1f} of {cores} cores are busy: with --threads {threads} llama.cpp may run "
+                   f"many times slower; consider --threads {max(1, int(cores - busy + 0.5))}.", err=True)
 
 
 @click.command("eval")
