@@ -131,7 +131,7 @@ def _check_fits(ids, reply_tokens: int, n_ctx: int) -> None:
 
 def calibrate(model_path: str | Path, mask, prompts: Sequence[str], *, schedule: str | None = None,
               min_quality: float = MIN_QUALITY, max_kl: float = MAX_KL, lowest: float = LOWEST, step: float = STEP,
-              reply_tokens: int = REPLY_TOKENS, batch_size: int = 8, n_threads: int = 2, n_ctx: int = 1024,
+              reply_tokens: int = REPLY_TOKENS, batch_size: int = 8, n_threads: int | None = None, n_ctx: int = 1024,
               chat_template: bool = True, progress: Callable[[str], None] | None = None,
               prompt_source: str = "") -> Calibration:
     """Calibrate `mask`'s default multiplier on `prompts` (benign, not the held-out ones) of the GGUF model."""
@@ -188,9 +188,11 @@ def calibrate(model_path: str | Path, mask, prompts: Sequence[str], *, schedule:
     return _result(record, tried, chosen, lowest, step, schedule, reply_tokens, prompt_source, started)
 
 
-def _steered_llm(model_path, batch_size: int, n_threads: int, n_ctx: int):
+def _steered_llm(model_path, batch_size: int, n_threads: int | None, n_ctx: int):
+    from .cpu_threads import default_threads
     from .runtime import SteeredLlama
 
+    n_threads = n_threads or default_threads()
     return SteeredLlama(str(model_path), n_ctx=n_ctx * batch_size, n_seq_max=batch_size, n_threads=n_threads,
                         n_threads_batch=n_threads)
 
@@ -238,7 +240,7 @@ def calibrate_gated(model_path: str | Path, mask, benign: Sequence[str], harmful
                     schedule: str | None = None, min_quality: float = GATED_MIN_QUALITY, max_kl: float = GATED_MAX_KL,
                     max_degenerate: float = GATED_MAX_DEGENERATE, fluency_slack: float = FLUENCY_SLACK,
                     lowest: float = GATED_LOWEST, step: float = STEP, reply_tokens: int = REPLY_TOKENS,
-                    batch_size: int = 8, n_threads: int = 2, n_ctx: int = 1024, chat_template: bool = True,
+                    batch_size: int = 8, n_threads: int | None = None, n_ctx: int = 1024, chat_template: bool = True,
                     progress: Callable[[str], None] | None = None, prompt_source: str = "") -> Calibration:
     """The default multiplier of a gated mask: the strongest on the grid (1 - step k, down to `lowest`) where
       * on benign prompts served through the gate the expected likelihood quality is >= min_quality and the

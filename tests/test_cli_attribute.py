@@ -271,3 +271,30 @@ def test_attribute_calibrates_the_default_multiplier_on_negative_prompts_it_hold
                  "--calibration-prompts", 2, "--multiplier", -0.5, "--out", tmp_path / "m3.gguf", "-q")
     assert chosen.exit_code == 0 and NeuronMask.load(tmp_path / "m3.gguf").multiplier == -0.5
     assert "calibration" not in NeuronMask.load(tmp_path / "m3.gguf").meta
+
+
+def test_threads_reach_every_llama_cpp_model_attribute_opens(tiny_gguf, prompt_files, tmp_path, monkeypatch):
+    from cna_local.cpu_threads import default_threads
+    from cna_local.runtime.llama import SteeredLlama
+
+    opened = []
+    original = SteeredLlama.__init__
+
+    def recording_init(self, *args, **kwargs):
+        opened.append((kwargs.get("n_threads"), kwargs.get("n_threads_batch")))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SteeredLlama, "__init__", recording_init)
+    model = tiny_gguf("llama", "q8_0")
+    pos, neg = prompt_files
+    args = ["attribute", "--model", model, "--positive", pos, "--negative", neg, "--top-k", 3, "--score", "delta",
+            "--calibration-prompts", 2, "--json", "-q"]
+    result = run(*args, "--threads", 1, "--out", tmp_path / "one.gguf")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["threads"] == 1
+    assert len(opened) >= 3 and set(opened) == {(1, 1)}  # the capture and both calibrations
+    opened.clear()
+    result = run(*args, "--out", tmp_path / "all.gguf")  # default: every core this process may use
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["threads"] == default_threads()
+    assert set(opened) == {(default_threads(), default_threads())}

@@ -173,17 +173,18 @@ def test_schedule_and_batch_size_options(files):
     assert bad.exit_code == 2 and "sometimes" in bad.output
 
 
-def test_busy_cores_warning_reads_the_cores_now_not_the_trailing_load_average(monkeypatch, capsys):
-    from cna_local.commands import eval as eval_cmd
 
-    monkeypatch.setattr(eval_cmd.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(eval_cmd.os, "getloadavg", lambda: (1.9, 1.9, 1.9), raising=False)  # a run that just ended
-    eval_cmd._warn_if_busy(2, quiet=False, busy=0.05)  # idle now: no warning, whatever the load average says
+def test_busy_cores_warning_reads_the_cores_now_not_the_trailing_load_average(monkeypatch, capsys):
+    from cna_local import cpu_threads
+
+    monkeypatch.setattr(cpu_threads.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cpu_threads.os, "getloadavg", lambda: (1.9, 1.9, 1.9), raising=False)  # a run that just ended
+    cpu_threads.warn_if_busy(2, busy=0.05)  # idle now: no warning, whatever the load average says
     assert capsys.readouterr().err == ""
-    eval_cmd._warn_if_busy(2, quiet=False, busy=1.0)  # one core taken: two spinning threads would crawl
+    cpu_threads.warn_if_busy(2, busy=1.0)  # one core taken: two spinning threads would crawl
     err = capsys.readouterr().err
     assert "1.0 of 2 cores are busy" in err and "--threads 1" in err
-    eval_cmd._warn_if_busy(1, quiet=False, busy=1.0)  # one thread fits the free core
-    eval_cmd._warn_if_busy(2, quiet=True, busy=1.0)
+    cpu_threads.warn_if_busy(1, busy=1.0)  # one thread fits the free core
+    cpu_threads.warn_if_busy(2, quiet=True, busy=1.0)
     assert capsys.readouterr().err == ""
-    assert eval_cmd._busy_cores(0.05) is not None  # psutil measures this machine
+    assert cpu_threads.busy_cores(0.05) is not None  # psutil measures this machine

@@ -95,6 +95,9 @@ FALLBACK_MULTIPLIER = -1.5
                    "a NEGATIVE prompt the gate fires on is pushed toward the behaviour (an over-refusal), while a "
                    "missed positive that already shows it costs nothing, so the gate is stricter. Never below the "
                    "first threshold.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="CPU threads for llama.cpp: the llama backend's capture and the calibrations.  [default: every "
+                   "core; a warning says when other work keeps some busy]")
 @click.option("--name", default=None, help="A label stored in the mask file.")
 @click.option("--no-cache", is_flag=True,
               help="Do not read or write the caches (dequantized GGUF weights, contrast-pair statistics).")
@@ -104,7 +107,7 @@ FALLBACK_MULTIPLIER = -1.5
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def attribute(model_spec, positive, negative, field, top_fraction, top_k, score_method, layers, universal_filter,
               universal_threshold, backend, device, device_map, batch_size, no_chat_template, multiplier, calibration_prompts, schedule, gate,
-              gate_neurons, gate_fpr, gate_fpr_strengthen, name, no_cache, out, as_json, quiet):
+              gate_neurons, gate_fpr, gate_fpr_strengthen, threads, name, no_cache, out, as_json, quiet):
     """Find the MLP neurons that separate POSITIVE from NEGATIVE prompts and save them as a mask.
 
     Every prompt runs through the model's chat template; at the last prompt
@@ -123,7 +126,7 @@ def attribute(model_spec, positive, negative, field, top_fraction, top_k, score_
                        universal_filter, universal_threshold, batch_size, not no_chat_template, multiplier,
                        name, not no_cache, out, not quiet, calibration_prompts, schedule, backend, device, device_map,
                                 gate=gate, gate_fpr=gate_fpr, gate_neurons=gate_neurons,
-                                gate_fpr_strengthen=gate_fpr_strengthen)
+                                gate_fpr_strengthen=gate_fpr_strengthen, threads=threads)
     except CnaLocalError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
@@ -135,7 +138,7 @@ def attribute(model_spec, positive, negative, field, top_fraction, top_k, score_
 def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, score_method, layers, universal_filter,
          universal_threshold, batch_size, chat_template, multiplier, name, use_cache, out, progress,
          calibration_prompts=0, schedule="all", backend=None, device="cpu", device_map=None, gate=True,
-         gate_fpr=0.05, gate_neurons="auto", gate_fpr_strengthen=0.01) -> dict:
+         gate_fpr=0.05, gate_neurons="auto", gate_fpr_strengthen=0.01, threads=None) -> dict:
     """The whole `attribute` command (the demo runs it too); returns the summary it prints."""
     # Heavy imports here so that `cna-local --help` stays fast.
     from ..attribution import AttributionOptions, attribute as run_attribution
@@ -143,6 +146,7 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
     from ..models import resolve_model
     from ..calibration import calibrate as calibrate_multiplier
     from ..cache import write_atomic_with
+    from ..cpu_threads import default_threads, warn_if_busy
     from ..prompts import PromptSet, load_contrast_pairs, resolve_prompt_set
     from ..scoring import ScoringError, check_threshold, parse_layer_spec
 
@@ -200,6 +204,8 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
         held_out = neg.prompts[-calibration_prompts:]
         neg = PromptSet(neg.name, neg.prompts[:-calibration_prompts])
     contrasts = load_contrast_pairs() if universal_filter else None
+    if backend == "llama" or calibrate:  # llama.cpp's spinning threads crawl on busy cores: say so before minutes go
+        warn_if_busy(threads or default_threads(), quiet=not progress)
 
     t0 = time.perf_counter()
     if backend == "llama":
@@ -211,7 +217,8 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
             check_llama_fits(model_path, len(pos) + len(neg))
         # a live count: a 7B takes 15-30 s here (llama.cpp repacks its Q4_K weights)
         with step(f"opening {model_path.name} in llama.cpp", progress):
-            loaded = LlamaSource(model_path, chat_template=chat_template, use_cache=use_cache, n_gpu_layers=n_gpu_layers)
+            loaded = LlamaSource(model_path, chat_template=chat_template, use_cache=use_cache, n_gpu_layers=n_gpu_layers,
+                                 n_threads=threads)
     else:
         from ..loading import load_model
 
@@ -236,7 +243,7 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
     if calibrate:
         del loaded  # free the torch copy before llama.cpp loads the model
         t0 = time.perf_counter()
-        cal = calibrate_multiplier(model_path, mask, held_out, schedule=schedule, chat_template=chat_template,
+        cal = calibrate_multiplier(model_path, mask, held_out, schedule=schedule, chat_template=chat_template, n_threads=threads,
                                    progress=(lambda m: click.echo(f"      {m}", err=True)) if progress else None,
                                    prompt_source=f"the last {len(held_out)} of {negative} (not used for attribution)")
         mask.multiplier = cal.chosen
@@ -248,6 +255,7 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
             harmful = pos.prompts[-calibration_prompts:]
             try:
                 gcal = calibrate_gated(model_path, mask, held_out, harmful, schedule=schedule, chat_template=chat_template,
+                                       n_threads=threads,
                                        progress=(lambda m: click.echo(f"      {m}", err=True)) if progress else None,
                                        prompt_source=f"benign: the last {len(held_out)} of {negative} (not used for "
                                                      f"attribution); harmful: the last {len(harmful)} of {positive} (used for attribution)")
@@ -270,6 +278,7 @@ def run_attribute(model_spec, positive, negative, field, top_fraction, top_k, sc
         "fingerprint": mask.fingerprint,
         "backend": backend,
         "device": device if device_map is None else f"map:{device_map}",
+        **({"threads": threads or default_threads()} if backend == "llama" or calibrate else {}),
         "n_neurons": len(mask),
         "multiplier": mask.multiplier,
         "static_multiplier": mask.static_multiplier,

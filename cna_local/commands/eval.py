@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
+from ..cpu_threads import default_threads, warn_if_busy
 from ..errors import CnaLocalError
 from ..schedules import SCHEDULES
 
@@ -28,29 +28,6 @@ class MultiplierList(click.ParamType):
             return parse_multipliers(value)
         except MultiplierError as exc:
             self.fail(str(exc), param, ctx)
-
-
-def _busy_cores(sample_s: float = 0.3) -> float | None:
-    """How many cores other processes keep busy now: the system's CPU use over a short sample. Not the load
-    average, which trails by a minute: right after an `attribute` run it still reads ~1.5 on idle cores."""
-    try:
-        import psutil
-
-        return psutil.cpu_percent(interval=sample_s) / 100.0 * (psutil.cpu_count() or 1)
-    except Exception:  # no /proc, a sandbox: say nothing rather than guess
-        return None
-
-
-def _warn_if_busy(threads: int, quiet: bool, busy: float | None = None) -> None:
-    """llama.cpp's worker threads spin-wait on each other: with more threads than idle cores, decoding can get
-    10-100x slower (measured: 1.4 instead of 23 tokens/s with 2 threads on 2 cores, one of them busy)."""
-    if quiet or threads <= 1:
-        return
-    busy = _busy_cores() if busy is None else busy
-    cores = os.cpu_count() or 1
-    if busy is not None and threads > cores - busy + 0.5:
-        click.echo(f"warning: {busy:.1f} of {cores} cores are busy: with --threads {threads} llama.cpp may run "
-                   f"many times slower; consider --threads {max(1, int(cores - busy + 0.5))}.", err=True)
 
 
 @click.command("eval")
@@ -95,7 +72,8 @@ def _warn_if_busy(threads: int, quiet: bool, busy: float | None = None) -> None:
                    "frontier of gated and static steering in one run.")
 @click.option("--n-ctx", type=click.IntRange(min=64), default=2048, metavar="N", show_default=True,
               help="llama.cpp context size per prompt (the KV cache holds --batch-size times this).")
-@click.option("--threads", type=click.IntRange(min=1), default=2, metavar="N", show_default=True, help="CPU threads for llama.cpp.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="CPU threads for llama.cpp.  [default: every core; a warning says when other work keeps some busy]")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="OUT.json",
               help="Write every number and each prompt's reply, flags and probabilities to OUT.json ('-': stdout, instead of the table).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="PNG",
@@ -137,7 +115,8 @@ def eval_command(model_spec, mask_paths, multipliers, harmful, benign, field, ca
     for option, path in (("--plot", plot_path), ("--frontier", frontier_path)):
         if path is not None and str(path) == "-":
             raise click.ClickException(f"{option} needs a file path, not '-'.")
-    _warn_if_busy(threads, quiet)
+    threads = threads or default_threads()
+    warn_if_busy(threads, quiet)
     try:
         model_path = resolve_model(model_spec)
         harmful_set = resolve_prompt_set(harmful, field)

@@ -135,7 +135,7 @@ def evaluate_masks(
     capability_tokens: int = 24,
     chat_template: bool = True,
     n_ctx: int = 2048,
-    n_threads: int = 2,
+    n_threads: int | None = None,
     batch_size: int = 1,
     schedule: str | None = None,
     gates: Sequence[bool | None] | None = None,
@@ -199,10 +199,12 @@ def evaluate_masks(
 
     own = isinstance(llm_or_path, (str, Path))
     if own:
+        from ..cpu_threads import default_threads
         from ..runtime import SteeredLlama
 
         model_path = Path(llm_or_path)
         _check_gguf(model_path)
+        n_threads = n_threads or default_threads()  # every core: the evaluation is the machine's work
         # one KV cache for the group: each prompt's n_ctx, batch_size times
         llm = SteeredLlama(str(model_path), n_ctx=n_ctx * batch_size, n_threads=n_threads, n_threads_batch=n_threads,
                            n_seq_max=batch_size, verbose=False)
