@@ -118,7 +118,7 @@ class LlamaSource:
         from .runtime.llama import SteeredLlama
 
         self.close()
-        threads = self._threads or default_threads()  # nothing else runs meanwhile: every core
+        threads = self._threads or default_threads()  # nothing else runs meanwhile: every physical core
         kwargs = {"n_threads": threads, "n_threads_batch": threads}
         # one micro-batch per decode: the capture's rows are "the last token of each sequence in a micro-batch"
         # use_mmap=False: the CPU backend repacks most Q4_K weights into a copy of its own, and the mapped

@@ -12,12 +12,21 @@ import click
 
 
 def default_threads() -> int:
-    """Every core this process may run on: attribution, its calibrations and an evaluation are the machine's only
-    work while they run, and their time is prompt processing and decoding, both of which scale with cores."""
+    """One thread per physical core this process may run on, as llama.cpp's own tools count them (hyperthread
+    siblings share one core's arithmetic, and spinning threads on them slow each other down). Attribution, its
+    calibrations and an evaluation are the machine's only work while they run, and their time is prompt
+    processing and decoding, both of which scale with cores."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        allowed = len(os.sched_getaffinity(0)) or 1
     except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+        allowed = os.cpu_count() or 1
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False)
+    except Exception:
+        physical = None
+    return max(1, min(allowed, physical or allowed))
 
 
 def busy_cores(sample_s: float = 0.3) -> float | None:

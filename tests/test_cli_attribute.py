@@ -294,7 +294,7 @@ def test_threads_reach_every_llama_cpp_model_attribute_opens(tiny_gguf, prompt_f
     assert json.loads(result.stdout)["threads"] == 1
     assert len(opened) >= 3 and set(opened) == {(1, 1)}  # the capture and both calibrations
     opened.clear()
-    result = run(*args, "--out", tmp_path / "all.gguf")  # default: every core this process may use
+    result = run(*args, "--out", tmp_path / "all.gguf")  # default: a thread per physical core it may use
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["threads"] == default_threads()
     assert set(opened) == {(default_threads(), default_threads())}

@@ -96,8 +96,8 @@ FALLBACK_MULTIPLIER = -1.5
                    "missed positive that already shows it costs nothing, so the gate is stricter. Never below the "
                    "first threshold.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
-              help="CPU threads for llama.cpp: the llama backend's capture and the calibrations.  [default: every "
-                   "core; a warning says when other work keeps some busy]")
+              help="CPU threads for llama.cpp: the llama backend's capture and the calibrations.  [default: one per "
+                   "physical core; a warning says when other work keeps some busy]")
 @click.option("--name", default=None, help="A label stored in the mask file.")
 @click.option("--no-cache", is_flag=True,
               help="Do not read or write the caches (dequantized GGUF weights, contrast-pair statistics).")

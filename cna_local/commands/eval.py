@@ -73,7 +73,7 @@ class MultiplierList(click.ParamType):
 @click.option("--n-ctx", type=click.IntRange(min=64), default=2048, metavar="N", show_default=True,
               help="llama.cpp context size per prompt (the KV cache holds --batch-size times this).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
-              help="CPU threads for llama.cpp.  [default: every core; a warning says when other work keeps some busy]")
+              help="CPU threads for llama.cpp.  [default: one per physical core; a warning says when other work keeps some busy]")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="OUT.json",
               help="Write every number and each prompt's reply, flags and probabilities to OUT.json ('-': stdout, instead of the table).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="PNG",

@@ -204,7 +204,7 @@ def evaluate_masks(
 
         model_path = Path(llm_or_path)
         _check_gguf(model_path)
-        n_threads = n_threads or default_threads()  # every core: the evaluation is the machine's work
+        n_threads = n_threads or default_threads()  # every physical core: the evaluation is the machine's work
         # one KV cache for the group: each prompt's n_ctx, batch_size times
         llm = SteeredLlama(str(model_path), n_ctx=n_ctx * batch_size, n_threads=n_threads, n_threads_batch=n_threads,
                            n_seq_max=batch_size, verbose=False)
